@@ -1,0 +1,109 @@
+"""`llmpq`: plan a deployment, benchmark the planner."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmpq_serve.costmodel import CostConfig, CostModel
+from llmpq_serve.indicator import Indicator
+from llmpq_serve.planner import METHODS, InfeasibleError, Problem, QualityTarget, plan
+from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
+
+NAMED_TARGETS = {"fp16": 16, "int8": 8, "awq4": 4, "awq3": 3}
+
+
+def quality_target(problem: Problem, theta: float | None, budget: float | None, named: str | None) -> QualityTarget:
+    """θ and/or a budget; `named` is a budget given as "no worse than the whole model at these bits"."""
+    if named is not None:
+        budget = problem.indicator.uniform_quality(NAMED_TARGETS[named])
+    label = f"no worse than the whole model at {named}" if named else ""
+    if theta is None and budget is None:
+        theta = 1.0
+    return QualityTarget(theta=theta or 0.0, budget=budget, label=label)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    model = ModelSpec.resolve(args.model)
+    cluster = ClusterSpec.from_yaml(args.cluster)
+    workload = Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len)
+    cost = CostModel(model, CostConfig(profiles_dir=args.profiles))
+    indicator = Indicator.from_json(args.indicator) if args.indicator else None
+    problem = Problem(model, cluster, workload, cost=cost, indicator=indicator)
+    problem = problem.with_quality(quality_target(problem, args.theta, args.budget, args.quality))
+    try:
+        result = plan(problem, args.method, time_limit=args.time_limit, gap=args.gap)
+    except InfeasibleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        result.save(args.out)
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def cmd_bench_plan(args: argparse.Namespace) -> int:
+    from llmpq_serve.bench import planning
+
+    doc = planning.run(args.clusters, time_limit=args.time_limit, only=args.only,
+                       large=None if args.no_large else args.large)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan_clusters.json").write_text(json.dumps(doc, indent=1))
+    (out / "plan_clusters.md").write_text(planning.markdown(doc))
+    print(json.dumps(doc) if args.json else planning.markdown(doc))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmpq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="solve a deployment plan and print it")
+    p.add_argument("--model", required=True, help="catalog name (e.g. opt-30b) or checkpoint directory")
+    p.add_argument("--cluster", required=True, help="cluster YAML (see deployments/clusters/)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--gen-len", type=int, default=100)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--theta", type=float, default=None,
+                   help="weight of normalised quality against normalised latency (default 1 when no target)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="upper bound on normalised Σω (1.0 = whole model at 3 bits)")
+    p.add_argument("--quality", choices=sorted(NAMED_TARGETS), default=None,
+                   help="budget: no worse than the whole model at this format")
+    p.add_argument("--method", choices=list(METHODS), default="llmpq")
+    p.add_argument("--indicator", default=None, help="indicator JSON (default: the analytic one from shapes)")
+    p.add_argument("--profiles", type=Path, default=CostConfig().profiles_dir, help="latency profiles folder")
+    p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the whole search")
+    p.add_argument("--gap", type=float, default=0.001, help="relative optimality gap at which to stop")
+    p.add_argument("--out", default=None, help="also write the plan JSON here")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    p.set_defaults(func=cmd_plan)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("plan", help="every method on the paper's clusters")
+    b.add_argument("--clusters", default="../shared/paper_clusters.yaml")
+    b.add_argument("--large", default=str(Path(__file__).resolve().parent.parent / "benchmarks" / "clusters"
+                                          / "large-32.yaml"), help="the 32-device scaling instance")
+    b.add_argument("--no-large", action="store_true", help="skip the 32-device instance")
+    b.add_argument("--only", nargs="*", default=None, help="cluster ids to run")
+    b.add_argument("--time-limit", type=float, default=10.0)
+    b.add_argument("--out-dir", default="benchmarks/results")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

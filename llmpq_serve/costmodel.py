@@ -1,0 +1,172 @@
+"""Latency, memory and transfer cost of a pipeline stage: what the planner optimises.
+
+Time of one decoder layer comes from a measured table (profiles/<TYPE>.json) when one exists for the device type and
+the model's layer shape, and from a roofline over the GPU catalog otherwise. Memory counts weights at their bit-width
+(packed words, scales, zero points), the KV cache of every request of the batch at full length, the peak activations
+of the largest micro-batch, and the runtime's fixed overhead."""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from llmpq_serve import catalog
+from llmpq_serve.profile_table import Profile, ShapeTable
+from llmpq_serve.spec import DeviceSpec, GPUSpec, ModelSpec
+
+Phase = Literal["prefill", "decode"]
+SUPPORTED_BITS = (16, 8, 4, 3)
+GiB = 1024**3
+MiB = 1024**2
+DEFAULT_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+
+class CostConfig(BaseModel):
+    # The LLM-PQ authors' memory model: 0.95 of capacity minus 1930 MiB of CUDA context and framework temporaries.
+    memory_fraction: float = Field(default=0.95, gt=0, le=1)
+    runtime_overhead_mib: float = Field(default=1930, ge=0)
+    kv_bytes: int = Field(default=2, description="bytes per KV-cache element (fp16)")
+    act_bytes: int = Field(default=2, description="bytes per activation element (fp16)")
+    intra_node_latency_s: float = 10e-6
+    inter_node_latency_s: float = 50e-6
+    profiles_dir: Path | None = DEFAULT_PROFILES
+
+
+@cache
+def _load_profile(path: Path, mtime: float) -> Profile:
+    return Profile.load(path)
+
+
+def packed_words(n: int, bits: int) -> int:
+    """32-bit words holding n values packed at `bits` (compressed-tensors packs floor(32/bits) per word)."""
+    return math.ceil(n / (32 // bits))
+
+
+def group_size_for(in_features: int, preferred: int) -> int:
+    """The preferred group size, halved until it divides the input dimension (small demo models need it)."""
+    g = preferred
+    while g > 1 and in_features % g:
+        g //= 2
+    return g
+
+
+def matrix_bytes(out_f: int, in_f: int, bits: int, group_size: int) -> int:
+    """Bytes of one linear layer's weight as stored in memory at `bits`."""
+    if bits == 16:
+        return out_f * in_f * 2
+    if bits == 8:
+        return out_f * in_f + out_f * 2  # int8 values + one fp16 scale per output channel
+    groups = in_f // group_size_for(in_f, group_size)
+    values = out_f * packed_words(in_f, bits) * 4
+    scales = out_f * groups * 2
+    zeros = packed_words(out_f, bits) * groups * 4
+    return values + scales + zeros
+
+
+class CostModel:
+    def __init__(self, model: ModelSpec, config: CostConfig | None = None):
+        self.model = model
+        self.config = config or CostConfig()
+        self.kernels = catalog.kernel_assumptions()
+
+    # ---- memory --------------------------------------------------------------------------------------------------
+    def layer_weight_bytes(self, bits: int) -> int:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported bit-width {bits}; supported: {SUPPORTED_BITS}")
+        g = self.kernels["group_size"]
+        linear = sum(matrix_bytes(o, i, bits, g) for o, i in self.model.linear_shapes())
+        return linear + self.model.layer_extra_params * 2
+
+    def layer_kv_bytes(self, batch: int, max_len: int) -> int:
+        """K and V of one layer for `batch` requests at `max_len` tokens each."""
+        return 2 * batch * max_len * self.model.kv_dim * self.config.kv_bytes
+
+    def activation_peak_bytes(self, phase: Phase, micro_batch: int, seq: int, last_stage: bool) -> int:
+        """Largest live activation of a micro-batch: hidden states, the MLP intermediate, eager attention scores,
+        and on the last stage the fp32 logits of the last position."""
+        m, a = self.model, self.config.act_bytes
+        tokens = micro_batch * (seq if phase == "prefill" else 1)
+        scores = micro_batch * m.heads * (seq if phase == "prefill" else 1) * seq * a
+        hidden = tokens * (4 * m.hidden + 2 * m.ffn) * a
+        logits = micro_batch * m.vocab * 4 if last_stage else 0
+        return hidden + scores + logits
+
+    def embedding_bytes(self) -> int:
+        return self.model.embedding_params * 2
+
+    def head_bytes(self) -> int:
+        return self.model.head_params * 2
+
+    def usable_memory(self, gpu: GPUSpec) -> float:
+        c = self.config
+        return gpu.memory_gib * GiB * c.memory_fraction - c.runtime_overhead_mib * MiB
+
+    # ---- latency -------------------------------------------------------------------------------------------------
+    def profile_table(self, gpu: GPUSpec) -> ShapeTable | None:
+        if self.config.profiles_dir is None or gpu.ray_type is None:
+            return None
+        path = Path(self.config.profiles_dir) / f"{gpu.ray_type}.json"
+        if not path.is_file():
+            return None
+        return _load_profile(path, path.stat().st_mtime).table_for(self.model)
+
+    def latency_source(self, gpu: GPUSpec) -> str:
+        return "profile" if self.profile_table(gpu) is not None else "roofline"
+
+    def layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
+        """Seconds for one decoder layer: prefill of `seq` prompt tokens, or one decode step at context `seq`."""
+        table = self.profile_table(gpu)
+        if table is not None and table.has(bits, phase):
+            return table.interpolate(bits, phase, micro_batch, seq)
+        return self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
+
+    def roofline_layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
+        m, k, a = self.model, self.kernels, self.config.act_bytes
+        factor = k["bits"][bits]
+        if phase == "prefill":
+            tokens = micro_batch * seq
+            flops = 2 * tokens * m.linear_params + 4 * micro_batch * seq * seq * m.hidden
+            act = tokens * (10 * m.hidden + 3 * m.ffn) * a + 2 * micro_batch * m.heads * seq * seq * a
+            kv = tokens * 2 * m.kv_dim * self.config.kv_bytes
+        else:
+            tokens = micro_batch
+            flops = 2 * tokens * m.linear_params + 4 * micro_batch * seq * m.hidden
+            act = tokens * (10 * m.hidden + 3 * m.ffn) * a
+            kv = micro_batch * seq * 2 * m.kv_dim * self.config.kv_bytes
+        moved = self.layer_weight_bytes(bits) + act + kv
+        compute_s = flops / (gpu.fp16_tflops * 1e12 * k["compute_eff"] * factor["compute"])
+        memory_s = moved / (gpu.mem_bw_gbs * 1e9 * k["bandwidth_eff"] * factor["bandwidth"])
+        return max(compute_s, memory_s) + k["launch_us"] * 1e-6
+
+    def embedding_time(self, gpu: GPUSpec, phase: Phase, micro_batch: int, seq: int) -> float:
+        tokens = micro_batch * (seq if phase == "prefill" else 1)
+        moved = 2 * tokens * self.model.hidden * self.config.act_bytes
+        return moved / (gpu.mem_bw_gbs * 1e9 * self.kernels["bandwidth_eff"])
+
+    def head_time(self, gpu: GPUSpec, micro_batch: int) -> float:
+        """Final norm + LM head for the last position of each sequence (prefill and decode alike)."""
+        k = self.kernels
+        flops = 2 * micro_batch * self.model.head_params
+        compute_s = flops / (gpu.fp16_tflops * 1e12 * k["compute_eff"])
+        memory_s = self.head_bytes() / (gpu.mem_bw_gbs * 1e9 * k["bandwidth_eff"])
+        return max(compute_s, memory_s) + k["launch_us"] * 1e-6
+
+    # ---- transfer ------------------------------------------------------------------------------------------------
+    def activation_bytes(self, phase: Phase, micro_batch: int, seq: int) -> int:
+        tokens = micro_batch * (seq if phase == "prefill" else 1)
+        return tokens * self.model.hidden * self.config.act_bytes
+
+    def link(self, src: DeviceSpec, dst: DeviceSpec, inter_node_gbs: float) -> tuple[float, float]:
+        """(bytes/s, latency s) of the link from src to dst."""
+        if src.node == dst.node:
+            return min(src.spec.link_gbs, dst.spec.link_gbs) * 1e9, self.config.intra_node_latency_s
+        return inter_node_gbs * 1e9, self.config.inter_node_latency_s
+
+    def transfer_time(self, src: DeviceSpec, dst: DeviceSpec, inter_node_gbs: float, phase: Phase,
+                      micro_batch: int, seq: int) -> float:
+        bandwidth, latency = self.link(src, dst, inter_node_gbs)
+        return self.activation_bytes(phase, micro_batch, seq) / bandwidth + latency

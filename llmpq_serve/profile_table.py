@@ -1,0 +1,102 @@
+"""Measured per-layer latency tables (`profiles/<TYPE>.json`) and their interpolation.
+
+A table holds, for one decoder-layer shape, the median time of one layer at each (bits, phase, micro-batch,
+sequence length) grid point. Between grid points time is interpolated piecewise-linearly in micro-batch and in
+sequence length (bilinear on the grid cell): exact at the points, monotone between them when the points are, and
+extrapolated linearly from the outermost cell beyond the grid, since layer time grows about linearly in both."""
+
+from __future__ import annotations
+
+import bisect
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from llmpq_serve.spec import ModelSpec
+
+Phase = Literal["prefill", "decode"]
+
+
+class LayerShape(BaseModel):
+    arch: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+
+    @classmethod
+    def of(cls, model: ModelSpec) -> "LayerShape":
+        return cls(arch="gated" if model.gated_mlp else "gelu", hidden=model.hidden, heads=model.heads,
+                   kv_heads=model.kv_heads, ffn=model.ffn)
+
+
+class ProfilePoint(BaseModel):
+    bits: int
+    phase: Phase
+    micro_batch: int = Field(gt=0)
+    seq: int = Field(gt=0, description="prompt length (prefill) or context length (decode)")
+    median_s: float = Field(ge=0)
+    p10_s: float | None = None
+    p90_s: float | None = None
+
+
+class ShapeTable(BaseModel):
+    shape: LayerShape
+    points: list[ProfilePoint]
+
+    @cached_property
+    def _grids(self) -> dict[tuple[int, str], tuple[list[int], list[int], dict[tuple[int, int], float]]]:
+        grids: dict[tuple[int, str], tuple[list[int], list[int], dict[tuple[int, int], float]]] = {}
+        for p in self.points:
+            mbs, seqs, values = grids.setdefault((p.bits, p.phase), ([], [], {}))
+            values[(p.micro_batch, p.seq)] = p.median_s
+        for key, (mbs, seqs, values) in grids.items():
+            mbs[:] = sorted({m for m, _ in values})
+            seqs[:] = sorted({s for _, s in values})
+            missing = [(m, s) for m in mbs for s in seqs if (m, s) not in values]
+            if missing:
+                raise ValueError(f"profile grid {key} is not rectangular: missing {missing[:3]}")
+        return grids
+
+    def has(self, bits: int, phase: Phase) -> bool:
+        return (bits, phase) in self._grids
+
+    def interpolate(self, bits: int, phase: Phase, micro_batch: float, seq: float) -> float:
+        mbs, seqs, values = self._grids[(bits, phase)]
+        m0, m1, wm = _bracket(mbs, micro_batch)
+        s0, s1, ws = _bracket(seqs, seq)
+        low = values[(m0, s0)] * (1 - ws) + values[(m0, s1)] * ws
+        high = values[(m1, s0)] * (1 - ws) + values[(m1, s1)] * ws
+        return max(0.0, low * (1 - wm) + high * wm)
+
+
+def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
+    """Neighbouring grid values around x and x's weight on the upper one (outside the grid: the outer cell)."""
+    if len(grid) == 1:
+        return grid[0], grid[0], 0.0
+    i = min(max(bisect.bisect_right(grid, x), 1), len(grid) - 1)
+    lo, hi = grid[i - 1], grid[i]
+    return lo, hi, (x - lo) / (hi - lo)
+
+
+class Profile(BaseModel):
+    device_type: str = Field(description="Ray accelerator_type name, e.g. T4, A100, H100, or CPU")
+    device_name: str
+    torch: str
+    measured_at: str
+    method: str = ""
+    tables: list[ShapeTable]
+
+    def table_for(self, model: ModelSpec) -> ShapeTable | None:
+        shape = LayerShape.of(model)
+        return next((t for t in self.tables if t.shape == shape), None)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=1))

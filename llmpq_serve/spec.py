@@ -1,0 +1,256 @@
+"""What the planner plans for: the model's shape, the cluster's devices, the workload."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llmpq_serve import catalog
+
+Arch = Literal["llama", "qwen2", "opt", "bloom"]
+_LLAMA_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+class GPUSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    ray_type: str | None
+    memory_gib: float
+    mem_bw_gbs: float
+    fp16_tflops: float
+    int8_tops: float | None = None
+    link_gbs: float
+
+    @classmethod
+    def from_catalog(cls, name: str) -> "GPUSpec":
+        table = catalog.gpu_table()
+        if name not in table:
+            raise ValueError(f"unknown GPU type {name!r}; known: {', '.join(sorted(table))}")
+        fields = {k: v for k, v in table[name].items() if k in cls.model_fields}
+        return cls(name=name, **fields)
+
+
+class ModelSpec(BaseModel):
+    """Shape of a decoder-only transformer: all the cost model needs to know about a model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    arch: Arch
+    layers: int = Field(gt=0)
+    hidden: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    kv_heads: int = Field(gt=0)
+    ffn: int = Field(gt=0)
+    vocab: int = Field(gt=0)
+    max_pos: int = Field(gt=0)
+    tie: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSpec":
+        if self.hidden % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"{self.name}: hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} "
+                             "must divide evenly")
+        return self
+
+    @classmethod
+    def from_catalog(cls, name: str) -> "ModelSpec":
+        table = catalog.model_table()
+        if name not in table:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(table))} "
+                             "(or give a checkpoint path)")
+        return cls(name=name, **table[name])
+
+    @classmethod
+    def from_hf_config(cls, config: Any, name: str | None = None) -> "ModelSpec":
+        kind = config.model_type
+        name = name or getattr(config, "_name_or_path", "") or kind
+        if kind in _LLAMA_FAMILY:
+            heads = config.num_attention_heads
+            return cls(name=name, arch=_LLAMA_FAMILY[kind], layers=config.num_hidden_layers,
+                       hidden=config.hidden_size, heads=heads,
+                       kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                       ffn=config.intermediate_size, vocab=config.vocab_size,
+                       max_pos=config.max_position_embeddings, tie=bool(config.tie_word_embeddings))
+        if kind == "opt":
+            return cls(name=name, arch="opt", layers=config.num_hidden_layers, hidden=config.hidden_size,
+                       heads=config.num_attention_heads, kv_heads=config.num_attention_heads, ffn=config.ffn_dim,
+                       vocab=config.vocab_size, max_pos=config.max_position_embeddings,
+                       tie=bool(getattr(config, "tie_word_embeddings", True)))
+        if kind == "bloom":
+            # BLOOM uses ALiBi and has no position limit of its own; 2048 is its training length.
+            return cls(name=name, arch="bloom", layers=config.n_layer, hidden=config.hidden_size,
+                       heads=config.n_head, kv_heads=config.n_head, ffn=4 * config.hidden_size,
+                       vocab=config.vocab_size, max_pos=getattr(config, "seq_length", 2048) or 2048, tie=True)
+        raise ValueError(f"unsupported architecture {kind!r}: llmpq-serve handles llama, mistral, qwen2, opt, bloom")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "ModelSpec":
+        """Reads config.json only; no weights are touched."""
+        from transformers import AutoConfig
+
+        return cls.from_hf_config(AutoConfig.from_pretrained(str(path)), name=str(path))
+
+    @classmethod
+    def resolve(cls, name_or_path: str) -> "ModelSpec":
+        if name_or_path in catalog.model_table():
+            return cls.from_catalog(name_or_path)
+        if Path(name_or_path, "config.json").is_file():
+            return cls.from_checkpoint(name_or_path)
+        return cls.from_catalog(name_or_path)  # raises with the list of known names
+
+    # ---- derived shapes -------------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.arch in ("llama", "qwen2")
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out_features, in_features) of every matrix of one decoder layer: the weights that get quantized."""
+        h, kv, f = self.hidden, self.kv_dim, self.ffn
+        attn = [(h, h), (kv, h), (kv, h), (h, h)]
+        mlp = [(f, h), (f, h), (h, f)] if self.gated_mlp else [(f, h), (h, f)]
+        return attn + mlp
+
+    @property
+    def linear_params(self) -> int:
+        return sum(o * i for o, i in self.linear_shapes())
+
+    @property
+    def layer_extra_params(self) -> int:
+        """Norms and biases of one decoder layer; they stay in 16 bits."""
+        h, kv, f = self.hidden, self.kv_dim, self.ffn
+        if self.arch in ("opt", "bloom"):
+            return 4 * h + (2 * h + 2 * kv) + (f + h)  # 2 LayerNorms (w+b), q/k/v/o biases, MLP biases
+        return 2 * h + (h + 2 * kv if self.arch == "qwen2" else 0)
+
+    @property
+    def embedding_params(self) -> int:
+        extra = {"opt": (self.max_pos + 2) * self.hidden, "bloom": 2 * self.hidden}.get(self.arch, 0)
+        return self.vocab * self.hidden + extra
+
+    @property
+    def head_params(self) -> int:
+        """Final norm and LM head (held by the last stage even when tied to the embedding)."""
+        return self.vocab * self.hidden + 2 * self.hidden
+
+
+class Workload(BaseModel):
+    """A batch of requests: `batch_size` prompts of `prompt_len` tokens, each generating `gen_len` tokens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    batch_size: int = Field(default=32, gt=0)
+    prompt_len: int = Field(default=512, gt=0)
+    gen_len: int = Field(default=100, gt=0)
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+class DeviceSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    node: str
+    gpu: str
+
+    @field_validator("gpu")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        GPUSpec.from_catalog(v)
+        return v
+
+    @property
+    def spec(self) -> GPUSpec:
+        return GPUSpec.from_catalog(self.gpu)
+
+
+class ClusterSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str = "cluster"
+    devices: list[DeviceSpec]
+    inter_node_gbs: float = Field(default=3.0, gt=0, description="bandwidth between nodes, GB/s per direction")
+
+    @model_validator(mode="after")
+    def _non_empty(self) -> "ClusterSpec":
+        if not self.devices:
+            raise ValueError(f"cluster {self.name!r} has no devices")
+        ids = [d.id for d in self.devices]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"cluster {self.name!r}: duplicate device ids")
+        return self
+
+    @classmethod
+    def from_groups(cls, name: str, nodes: list[dict[str, Any]], inter_node_gbs: float = 3.0) -> "ClusterSpec":
+        """nodes: [{name, devices: [{type, count}]}]."""
+        devices: list[DeviceSpec] = []
+        for node in nodes:
+            for group in node.get("devices", []):
+                for i in range(int(group.get("count", 1))):
+                    devices.append(DeviceSpec(id=f"{node['name']}/{group['type']}#{i}", node=node["name"],
+                                              gpu=group["type"]))
+        return cls(name=name, devices=devices, inter_node_gbs=inter_node_gbs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ClusterSpec":
+        """Either `nodes: [{name, devices: [{type, count}]}]`, or the short form `devices: [{type, count}]` in
+        which each device type sits on a node of its own (the paper's clusters)."""
+        name = str(data.get("name", "cluster"))
+        gbs = float(data.get("inter_node_gbs", 3.0))
+        if "nodes" in data:
+            return cls.from_groups(name, data["nodes"], gbs)
+        groups = data.get("devices") or []
+        nodes = [{"name": f"node{i}-{g['type']}", "devices": [g]} for i, g in enumerate(groups)]
+        return cls.from_groups(name, nodes, gbs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ClusterSpec":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        return cls.from_dict({"name": Path(path).stem, **data})
+
+    @classmethod
+    def from_ray(cls, gpu_overrides: dict[str, str] | None = None, inter_node_gbs: float = 3.0) -> "ClusterSpec":
+        """The live Ray cluster: every alive node's GPUs, typed by its `accelerator_type:<TYPE>` resource.
+
+        Ray reports a type (A100) but not the variant (40 or 80 GB): by default the smallest-memory variant of the
+        catalog is assumed, so a plan always fits; `gpu_overrides` ({"A100": "A100-SXM4-80GB"}) says otherwise."""
+        import ray
+
+        overrides = gpu_overrides or {}
+        devices: list[DeviceSpec] = []
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            res = node.get("Resources", {})
+            types = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+            count = int(res.get("GPU", 0))
+            if not types or not count:
+                continue
+            ray_type = types[0]
+            gpu = overrides.get(ray_type) or next(iter(catalog.gpus_for_ray_type(ray_type)), None)
+            if gpu is None:
+                raise ValueError(f"node {node['NodeID'][:8]} reports accelerator_type {ray_type!r}, which the GPU "
+                                 "catalog does not know; add it to llmpq_serve/catalog/gpus.yaml or pass an override")
+            node_name = node["NodeID"][:12]
+            devices += [DeviceSpec(id=f"{node_name}/{ray_type}#{i}", node=node_name, gpu=gpu) for i in range(count)]
+        return cls(name="ray", devices=devices, inter_node_gbs=inter_node_gbs)
+
+    def summary(self) -> str:
+        counts = Counter(d.gpu for d in self.devices)
+        return " + ".join(f"{n}x{g}" for g, n in counts.items())

@@ -1,0 +1,24 @@
+import pytest
+
+from llmpq_serve.spec import ClusterSpec, ModelSpec
+
+
+@pytest.fixture
+def bloom_like() -> ModelSpec:
+    """BLOOM-176B-shaped layers (5 GB each at fp16) but only 5 of them: small enough to search exhaustively, big
+    enough that memory forces quantisation on the small devices below."""
+    return ModelSpec(name="bloom-5", arch="bloom", layers=5, hidden=14336, heads=112, kv_heads=112, ffn=57344,
+                     vocab=250880, max_pos=2048, tie=True)
+
+
+@pytest.fixture
+def two_node() -> ClusterSpec:
+    return ClusterSpec.from_dict({"name": "two", "devices": [{"type": "P100-PCIE-12GB", "count": 1},
+                                                             {"type": "T4", "count": 1}]})
+
+
+@pytest.fixture
+def three_dev() -> ClusterSpec:
+    return ClusterSpec.from_dict({"name": "three", "nodes": [
+        {"name": "a", "devices": [{"type": "T4", "count": 2}]},
+        {"name": "b", "devices": [{"type": "V100-SXM2-32GB", "count": 1}]}]})

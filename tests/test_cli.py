@@ -1,0 +1,51 @@
+import json
+from pathlib import Path
+
+from llmpq_serve.cli import main
+from llmpq_serve.planner import Plan
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = str(ROOT / "deployments" / "clusters" / "t4x3-v100.yaml")
+PAPER = str(ROOT.parent / "shared" / "paper_clusters.yaml")
+
+
+def test_plan_json_is_a_plan(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--model", "opt-30b", "--cluster", CLUSTER, "--batch", "16", "--quality", "awq4", "--json",
+               "--out", str(out)])
+    assert rc == 0
+    printed = Plan.from_json(capsys.readouterr().out)
+    assert printed == Plan.load(out)
+    assert printed.workload.batch_size == 16 and printed.predicted.quality <= 0.25 + 1e-9
+
+
+def test_plan_table_and_methods(capsys):
+    assert main(["plan", "--model", "opt-30b", "--cluster", CLUSTER, "--method", "pipeedge"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeedge" in out and "T4" in out and "tokens/s" in out
+
+
+def test_plan_errors_are_messages_not_tracebacks(capsys, tmp_path):
+    assert main(["plan", "--model", "bloom-176b", "--cluster", CLUSTER]) == 2
+    assert "GiB missing" in capsys.readouterr().err
+    assert main(["plan", "--model", "nope", "--cluster", CLUSTER]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("devices: [{type: K80, count: 2}]\n")
+    assert main(["plan", "--model", "opt-30b", "--cluster", str(bad)]) == 2
+    assert "unknown GPU type 'K80'" in capsys.readouterr().err
+
+
+def test_bench_plan_json_shape(capsys, tmp_path):
+    rc = main(["bench", "plan", "--clusters", PAPER, "--only", "1", "9", "--no-large", "--json",
+               "--out-dir", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in doc["clusters"]] == ["1", "9"]
+    for c in doc["clusters"]:
+        for m in ("uniform", "pipeedge", "llmpq_no_adabits", "llmpq_no_phase", "llmpq_matched", "llmpq_awq4"):
+            e = c["methods"][m]
+            assert {"feasible", "tokens_per_s", "quality", "solve_s"} <= set(e)
+        base = max(c["methods"][m]["tokens_per_s"] for m in ("uniform", "pipeedge"))
+        assert c["methods"]["llmpq_matched"]["tokens_per_s"] >= base
+    assert (tmp_path / "plan_clusters.md").read_text().startswith("| cluster |")

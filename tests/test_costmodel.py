@@ -1,0 +1,112 @@
+"""Each cost-model formula against numbers worked out by hand."""
+
+import math
+
+import pytest
+
+from llmpq_serve.costmodel import CostConfig, CostModel, group_size_for, matrix_bytes, packed_words
+from llmpq_serve.spec import ClusterSpec, GPUSpec, ModelSpec
+
+GiB, MiB = 1024**3, 1024**2
+
+
+@pytest.fixture
+def tiny() -> ModelSpec:
+    return ModelSpec(name="tiny", arch="llama", layers=2, hidden=512, heads=8, kv_heads=2, ffn=1024, vocab=1000,
+                     max_pos=256)
+
+
+def test_packed_words():
+    assert packed_words(512, 4) == 64  # 8 per 32-bit word
+    assert packed_words(512, 3) == 52  # 10 per word, 2 bits wasted
+    assert packed_words(256, 8) == 64
+
+
+def test_group_size_halves_until_it_divides():
+    assert group_size_for(4096, 128) == 128
+    assert group_size_for(96, 128) == 32
+    assert group_size_for(100, 128) == 4
+
+
+def test_matrix_bytes_by_hand():
+    out_f, in_f = 256, 512
+    assert matrix_bytes(out_f, in_f, 16, 128) == 256 * 512 * 2
+    assert matrix_bytes(out_f, in_f, 8, 128) == 256 * 512 + 256 * 2
+    # values 256 x 64 words, fp16 scales 256 x 4 groups, zeros packed along out: 32 words x 4 groups
+    assert matrix_bytes(out_f, in_f, 4, 128) == 256 * 64 * 4 + 256 * 4 * 2 + 32 * 4 * 4
+    assert matrix_bytes(out_f, in_f, 3, 128) == 256 * 52 * 4 + 256 * 4 * 2 + 26 * 4 * 4
+
+
+def test_layer_weight_bytes_llama_gqa(tiny):
+    cm = CostModel(tiny)
+    # q, k, v, o with kv_dim = 2 heads x 64 = 128; gate/up/down of ffn 1024
+    shapes = [(512, 512), (128, 512), (128, 512), (512, 512), (1024, 512), (1024, 512), (512, 1024)]
+    assert tiny.linear_shapes() == shapes
+    params = sum(o * i for o, i in shapes)
+    assert cm.layer_weight_bytes(16) == params * 2 + 2 * 512 * 2  # plus two RMSNorm weights in fp16
+    assert cm.layer_weight_bytes(8) == params + sum(o for o, _ in shapes) * 2 + 2 * 512 * 2
+    assert cm.layer_weight_bytes(4) < cm.layer_weight_bytes(8) < cm.layer_weight_bytes(16)
+    with pytest.raises(ValueError, match="unsupported bit-width"):
+        cm.layer_weight_bytes(5)
+
+
+def test_kv_cache_and_activations(tiny):
+    cm = CostModel(tiny)
+    assert cm.layer_kv_bytes(batch=4, max_len=100) == 2 * 4 * 100 * 128 * 2
+    # prefill of 2 x 10 tokens: hidden states + MLP intermediate, plus 2 x 8 heads x 10 x 10 attention scores
+    hidden = 20 * (4 * 512 + 2 * 1024) * 2
+    assert cm.activation_peak_bytes("prefill", 2, 10, last_stage=False) == hidden + 2 * 8 * 10 * 10 * 2
+    assert cm.activation_peak_bytes("prefill", 2, 10, last_stage=True) == hidden + 2 * 8 * 100 * 2 + 2 * 1000 * 4
+
+
+def test_usable_memory_paper_rule(tiny):
+    cm = CostModel(tiny)
+    t4 = GPUSpec.from_catalog("T4")
+    assert cm.usable_memory(t4) == pytest.approx(16 * GiB * 0.95 - 1930 * MiB)
+    cm2 = CostModel(tiny, CostConfig(memory_fraction=1.0, runtime_overhead_mib=0))
+    assert cm2.usable_memory(t4) == 16 * GiB
+
+
+def test_roofline_decode_is_memory_bound(tiny):
+    cm = CostModel(tiny, CostConfig(profiles_dir=None))
+    a100 = GPUSpec.from_catalog("A100-SXM4-40GB")
+    k = cm.kernels
+    moved = cm.layer_weight_bytes(16) + 1 * (10 * 512 + 3 * 1024) * 2 + 1 * 64 * 2 * 128 * 2
+    expect = moved / (1555e9 * k["bandwidth_eff"] * k["bits"][16]["bandwidth"]) + k["launch_us"] * 1e-6
+    assert cm.layer_time(a100, 16, "decode", 1, 64) == pytest.approx(expect)
+    # 4-bit moves ~4x fewer weight bytes: faster decode despite the unpacking factor
+    assert cm.layer_time(a100, 4, "decode", 1, 64) < cm.layer_time(a100, 16, "decode", 1, 64)
+
+
+def test_roofline_prefill_is_compute_bound():
+    m = ModelSpec.from_catalog("opt-30b")
+    cm = CostModel(m, CostConfig(profiles_dir=None))
+    v100 = GPUSpec.from_catalog("V100-SXM2-32GB")
+    k = cm.kernels
+    flops = 2 * 8 * 512 * m.linear_params + 4 * 8 * 512 * 512 * m.hidden
+    expect = flops / (125e12 * k["compute_eff"]) + k["launch_us"] * 1e-6
+    assert cm.layer_time(v100, 16, "prefill", 8, 512) == pytest.approx(expect)
+    # weight-only quantisation slows compute-bound prefill (dequantisation), as the LLM-PQ paper observes
+    assert cm.layer_time(v100, 3, "prefill", 8, 512) > cm.layer_time(v100, 16, "prefill", 8, 512)
+
+
+def test_transfer_intra_vs_inter_node(tiny):
+    cm = CostModel(tiny)
+    cluster = ClusterSpec.from_dict({"nodes": [{"name": "a", "devices": [{"type": "T4", "count": 2}]},
+                                               {"name": "b", "devices": [{"type": "A10", "count": 1}]}],
+                                     "inter_node_gbs": 2.0})
+    a0, a1, b0 = cluster.devices
+    nbytes = 4 * 100 * 512 * 2
+    assert cm.transfer_time(a0, a1, 2.0, "prefill", 4, 100) == pytest.approx(nbytes / 16e9 + 10e-6)
+    assert cm.transfer_time(a0, b0, 2.0, "prefill", 4, 100) == pytest.approx(nbytes / 2e9 + 50e-6)
+    assert cm.transfer_time(a0, b0, 2.0, "decode", 4, 100) == pytest.approx(4 * 512 * 2 / 2e9 + 50e-6)
+
+
+def test_embedding_and_head_costs(tiny):
+    cm = CostModel(tiny)
+    t4 = GPUSpec.from_catalog("T4")
+    assert cm.embedding_bytes() == 1000 * 512 * 2
+    assert cm.head_bytes() == (1000 * 512 + 2 * 512) * 2
+    expect = max(2 * 3 * tiny.head_params / (65e12 * 0.6), cm.head_bytes() / (320e9 * 0.8)) + 60e-6
+    assert cm.head_time(t4, 3) == pytest.approx(expect)
+    assert math.isclose(cm.embedding_time(t4, "decode", 3, 50), 2 * 3 * 512 * 2 / (320e9 * 0.8))

@@ -1,0 +1,33 @@
+import json
+
+import pytest
+
+from llmpq_serve.indicator import Indicator
+from llmpq_serve.spec import ModelSpec
+
+
+def test_normalisation_whole_model_at_3_bits_is_one():
+    ind = Indicator.analytic(ModelSpec.from_catalog("opt-30b"))
+    assert ind.uniform_quality(3) == pytest.approx(1.0)
+    assert ind.uniform_quality(16) == 0.0
+    assert ind.uniform_quality(4) == pytest.approx(0.25)  # noise power falls as 2^-2b
+    assert ind.uniform_quality(8) == pytest.approx(2.0 ** -10)
+
+
+def test_analytic_default_edges_most_sensitive():
+    omega = Indicator.analytic(ModelSpec.from_catalog("opt-30b")).omega
+    assert omega[0][3] == pytest.approx(2 * omega[len(omega) // 2][3], rel=0.01)
+    assert omega[0][3] > omega[0][4] > omega[0][8] > omega[0][16] == 0
+
+
+def test_from_json_and_validation(tmp_path):
+    path = tmp_path / "ind.json"
+    path.write_text(json.dumps({"omega": [{"16": 0, "8": 0.1, "4": 1, "3": 3}, {"16": 0, "8": 0.1, "4": 1, "3": 1}]}))
+    ind = Indicator.from_json(path)
+    assert ind.source.startswith("file:") and ind.quality([3, 16]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="3 bits"):
+        Indicator(source="x", omega=[{16: 0.0, 4: 1.0}])
+    with pytest.raises(ValueError, match="same bit-widths"):
+        Indicator(source="x", omega=[{16: 0.0, 3: 1.0}, {16: 0.0, 4: 1.0, 3: 1.0}])
+    with pytest.raises(ValueError, match="2 bit-widths for 3 layers"):
+        Indicator(source="x", omega=[{3: 1.0}] * 3).quality([3, 3])

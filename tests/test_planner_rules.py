@@ -1,0 +1,143 @@
+"""Plan invariants, each method's rules, and errors a user can act on."""
+
+import math
+
+import pytest
+
+from llmpq_serve.bench.planning import load_cases
+from llmpq_serve.planner import METHODS, InfeasibleError, Plan, Problem, QualityTarget, plan
+from llmpq_serve.planner.problem import even_split
+from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
+
+PAPER = "../shared/paper_clusters.yaml"
+
+
+@pytest.fixture(scope="module")
+def cases():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / PAPER
+    return {c.id: c for c in load_cases(path)}
+
+
+def _problem(case, **quality) -> Problem:
+    return Problem(case.model, case.cluster, case.workload, quality=QualityTarget(**quality))
+
+
+def check_invariants(p: Plan, problem: Problem) -> None:
+    """Every layer exactly once, in order, every device at most its memory, the budget kept."""
+    assert [s.layers for s in p.stages] == [(a, b) for a, b in zip(
+        [0] + [s.layers[1] for s in p.stages[:-1]], [s.layers[1] for s in p.stages])]
+    assert p.stages[-1].layers[1] == problem.model.layers and len(p.bits) == problem.model.layers
+    assert len({s.device.id for s in p.stages}) == len(p.stages)
+    for pred in p.predicted.stages:
+        assert pred.memory_bytes <= pred.memory_limit_bytes
+    if problem.quality.budget is not None:
+        assert p.predicted.quality <= problem.quality.budget + 1e-9
+    again, over = problem.evaluate([s.device for s in p.stages], [s.bits for s in p.stages], p.prefill_micro_batch,
+                                   p.decode_micro_batch)
+    assert not over and again.latency_s == pytest.approx(p.predicted.latency_s)
+
+
+@pytest.mark.parametrize("cid", ["3", "6"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_respects_memory_and_its_rules(cases, cid, method):
+    case = cases[cid]
+    problem = _problem(case, budget=0.25) if method.startswith("llmpq") else _problem(case)
+    p = plan(problem, method)
+    check_invariants(p, problem)
+    rules = METHODS[method]
+    if rules.uniform_bits:
+        assert len(set(p.bits)) == 1
+    if not rules.phase_aware:
+        assert p.prefill_micro_batch == p.decode_micro_batch
+    if rules.even_split:
+        assert sorted(s.layers[1] - s.layers[0] for s in p.stages) == sorted(even_split(problem.model.layers,
+                                                                                        len(p.stages)))
+    if rules.highest_bits_that_fit:  # no plan of the same method at any higher bit-width fits
+        (bits,) = set(p.bits)
+        for higher in (b for b in problem.bits if b > bits):
+            restricted = Problem(case.model, case.cluster, case.workload, bits=(higher,))
+            with pytest.raises(InfeasibleError):
+                plan(restricted, method)
+
+
+def test_llmpq_matched_never_slower_than_the_fastest_baseline(cases):
+    case = cases["4"]
+    problem = _problem(case)
+    baselines = []
+    for m in ("uniform", "pipeedge"):
+        try:
+            baselines.append(plan(problem, m))
+        except InfeasibleError:
+            pass
+    fastest = max(baselines, key=lambda p: p.predicted.tokens_per_s)
+    matched = problem.with_quality(QualityTarget(budget=fastest.predicted.quality))
+    p = plan(matched, "llmpq", seeds=tuple(baselines))
+    check_invariants(p, matched)
+    assert p.predicted.tokens_per_s >= fastest.predicted.tokens_per_s
+    assert p.predicted.quality <= fastest.predicted.quality + 1e-12
+
+
+def test_plan_json_round_trip_and_table(cases):
+    problem = _problem(cases["3"], theta=1.0)
+    p = plan(problem, "llmpq")
+    again = Plan.from_json(p.to_json())
+    assert again == p
+    table = p.table()
+    assert "stage" in table and "T4" in table and "tokens/s" in table and p.solver.status in table
+
+
+def test_plan_rejects_gaps_in_the_layers(cases):
+    p = plan(_problem(cases["3"], theta=1.0), "llmpq")
+    data = p.model_dump()
+    data["stages"][1]["layers"] = (data["stages"][1]["layers"][0] + 1, data["stages"][1]["layers"][1])
+    data["stages"][1]["bits"] = data["stages"][1]["bits"][1:]
+    with pytest.raises(ValueError, match="expected"):
+        Plan.model_validate(data)
+
+
+def test_model_too_big_names_devices_and_missing_gib():
+    problem = Problem(ModelSpec.from_catalog("bloom-176b"),
+                      ClusterSpec.from_dict({"devices": [{"type": "T4", "count": 2}]}), Workload())
+    with pytest.raises(InfeasibleError, match=r"hold at most \d+ of 70 layers, [\d.]+ GiB missing"):
+        plan(problem, "llmpq")
+
+
+def test_device_without_room_for_one_layer_is_named():
+    cluster = ClusterSpec.from_dict({"devices": [{"type": "P100-PCIE-12GB", "count": 1},
+                                                 {"type": "A100-SXM4-80GB", "count": 1}]})
+    problem = Problem(ModelSpec.from_catalog("bloom-176b"), cluster, Workload(batch_size=64))
+    with pytest.raises(InfeasibleError, match=r"P100-PCIE-12GB#0 \(P100-PCIE-12GB\) lacks [\d.]+ GiB"):
+        plan(problem, "llmpq")
+
+
+def test_unreachable_budget_and_even_split_explain_themselves(cases):
+    case = cases["4"]
+    with pytest.raises(InfeasibleError, match="quality budget 0.0000"):
+        plan(_problem(case, budget=0.0), "llmpq")
+    with pytest.raises(InfeasibleError, match="even split puts 12 layers"):
+        plan(_problem(case), "uniform")
+
+
+def test_bad_inputs():
+    opt = ModelSpec.from_catalog("opt-13b")
+    one = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 1}]})
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        Problem(opt, one, Workload(prompt_len=2000, gen_len=100))
+    with pytest.raises(ValueError, match="bit-widths must be among"):
+        Problem(opt, one, Workload(), bits=(16, 2))
+    with pytest.raises(ValueError, match="unknown method"):
+        plan(Problem(opt, one, Workload()), "magic")
+    many = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 41}]})
+    with pytest.raises(InfeasibleError, match="41 devices but only 40 layers"):
+        plan(Problem(opt, many, Workload()), "llmpq")
+
+
+def test_theta_trades_quality_for_speed(cases):
+    case = cases["6"]
+    fast = plan(_problem(case, theta=0.0), "llmpq")
+    careful = plan(_problem(case, theta=100.0), "llmpq")
+    assert careful.predicted.quality < fast.predicted.quality
+    assert careful.predicted.tokens_per_s <= fast.predicted.tokens_per_s
+    assert math.isfinite(careful.solver.objective)
