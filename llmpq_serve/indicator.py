@@ -21,7 +21,7 @@ class Indicator(BaseModel):
     omega: list[dict[int, float]] = Field(description="per layer: bits -> raw ω (any scale)")
 
     @model_validator(mode="after")
-    def _check(self) -> "Indicator":
+    def _check(self) -> Indicator:
         if not self.omega:
             raise ValueError("indicator has no layers")
         bits = set(self.omega[0])
@@ -57,7 +57,7 @@ class Indicator(BaseModel):
         return self.quality([bits] * self.layers)
 
     @classmethod
-    def analytic(cls, model: ModelSpec) -> "Indicator":
+    def analytic(cls, model: ModelSpec) -> Indicator:
         """Default from shapes alone: quantisation noise power of a b-bit uniform quantiser falls as 2^(-2b), and the
         first and last layers are commonly the most sensitive (up to 2x, quadratically in the distance from the
         middle). A stand-in until a calibrated indicator exists; plans made with it say so."""
@@ -70,7 +70,7 @@ class Indicator(BaseModel):
         return cls(source="analytic-default", omega=rows)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "Indicator":
+    def from_json(cls, path: str | Path) -> Indicator:
         """`{"source": ..., "omega": [{"16": 0, "8": ..., "4": ..., "3": ...}, ...]}` (one entry per layer)."""
         data = json.loads(Path(path).read_text())
         data.setdefault("source", f"file:{path}")

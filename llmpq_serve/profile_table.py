@@ -28,7 +28,7 @@ class LayerShape(BaseModel):
     ffn: int
 
     @classmethod
-    def of(cls, model: ModelSpec) -> "LayerShape":
+    def of(cls, model: ModelSpec) -> LayerShape:
         return cls(arch="gated" if model.gated_mlp else "gelu", hidden=model.hidden, heads=model.heads,
                    kv_heads=model.kv_heads, ffn=model.ffn)
 
@@ -95,7 +95,7 @@ class Profile(BaseModel):
         return next((t for t in self.tables if t.shape == shape), None)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path) -> Profile:
         return cls.model_validate(json.loads(Path(path).read_text()))
 
     def save(self, path: str | Path) -> None:

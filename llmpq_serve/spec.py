@@ -27,7 +27,7 @@ class GPUSpec(BaseModel):
     link_gbs: float
 
     @classmethod
-    def from_catalog(cls, name: str) -> "GPUSpec":
+    def from_catalog(cls, name: str) -> GPUSpec:
         table = catalog.gpu_table()
         if name not in table:
             raise ValueError(f"unknown GPU type {name!r}; known: {', '.join(sorted(table))}")
@@ -52,14 +52,14 @@ class ModelSpec(BaseModel):
     tie: bool = False
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelSpec":
+    def _heads_divide(self) -> ModelSpec:
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError(f"{self.name}: hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} "
                              "must divide evenly")
         return self
 
     @classmethod
-    def from_catalog(cls, name: str) -> "ModelSpec":
+    def from_catalog(cls, name: str) -> ModelSpec:
         table = catalog.model_table()
         if name not in table:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(table))} "
@@ -67,7 +67,7 @@ class ModelSpec(BaseModel):
         return cls(name=name, **table[name])
 
     @classmethod
-    def from_hf_config(cls, config: Any, name: str | None = None) -> "ModelSpec":
+    def from_hf_config(cls, config: Any, name: str | None = None) -> ModelSpec:
         kind = config.model_type
         name = name or getattr(config, "_name_or_path", "") or kind
         if kind in _LLAMA_FAMILY:
@@ -90,14 +90,14 @@ class ModelSpec(BaseModel):
         raise ValueError(f"unsupported architecture {kind!r}: llmpq-serve handles llama, mistral, qwen2, opt, bloom")
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> "ModelSpec":
+    def from_checkpoint(cls, path: str | Path) -> ModelSpec:
         """Reads config.json only; no weights are touched."""
         from transformers import AutoConfig
 
         return cls.from_hf_config(AutoConfig.from_pretrained(str(path)), name=str(path))
 
     @classmethod
-    def resolve(cls, name_or_path: str) -> "ModelSpec":
+    def resolve(cls, name_or_path: str) -> ModelSpec:
         if name_or_path in catalog.model_table():
             return cls.from_catalog(name_or_path)
         if Path(name_or_path, "config.json").is_file():
@@ -187,7 +187,7 @@ class ClusterSpec(BaseModel):
     inter_node_gbs: float = Field(default=3.0, gt=0, description="bandwidth between nodes, GB/s per direction")
 
     @model_validator(mode="after")
-    def _non_empty(self) -> "ClusterSpec":
+    def _non_empty(self) -> ClusterSpec:
         if not self.devices:
             raise ValueError(f"cluster {self.name!r} has no devices")
         ids = [d.id for d in self.devices]
@@ -196,7 +196,7 @@ class ClusterSpec(BaseModel):
         return self
 
     @classmethod
-    def from_groups(cls, name: str, nodes: list[dict[str, Any]], inter_node_gbs: float = 3.0) -> "ClusterSpec":
+    def from_groups(cls, name: str, nodes: list[dict[str, Any]], inter_node_gbs: float = 3.0) -> ClusterSpec:
         """nodes: [{name, devices: [{type, count}]}]."""
         devices: list[DeviceSpec] = []
         for node in nodes:
@@ -207,7 +207,7 @@ class ClusterSpec(BaseModel):
         return cls(name=name, devices=devices, inter_node_gbs=inter_node_gbs)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClusterSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ClusterSpec:
         """Either `nodes: [{name, devices: [{type, count}]}]`, or the short form `devices: [{type, count}]` in
         which each device type sits on a node of its own (the paper's clusters)."""
         name = str(data.get("name", "cluster"))
@@ -219,13 +219,13 @@ class ClusterSpec(BaseModel):
         return cls.from_groups(name, nodes, gbs)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ClusterSpec":
+    def from_yaml(cls, path: str | Path) -> ClusterSpec:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         return cls.from_dict({"name": Path(path).stem, **data})
 
     @classmethod
-    def from_ray(cls, gpu_overrides: dict[str, str] | None = None, inter_node_gbs: float = 3.0) -> "ClusterSpec":
+    def from_ray(cls, gpu_overrides: dict[str, str] | None = None, inter_node_gbs: float = 3.0) -> ClusterSpec:
         """The live Ray cluster: every alive node's GPUs, typed by its `accelerator_type:<TYPE>` resource.
 
         Ray reports a type (A100) but not the variant (40 or 80 GB): by default the smallest-memory variant of the

@@ -8,7 +8,7 @@ from llmpq_serve.spec import ClusterSpec, GPUSpec, ModelSpec
 
 
 def test_catalog_is_complete():
-    for name, g in catalog.gpu_table().items():
+    for name in catalog.gpu_table():
         spec = GPUSpec.from_catalog(name)
         assert spec.memory_gib > 0 and spec.mem_bw_gbs > 0 and spec.fp16_tflops > 0, name
     for name in ("opt-30b", "bloom-176b", "llama-2-70b", "llama-3-8b", "mistral-7b", "qwen2.5-72b"):

@@ -184,12 +184,12 @@ def markdown(doc: dict[str, Any]) -> str:
         per = ", ".join("-" if u is None else f"{u:.2f}" for u in e["speedup_vs_fastest_baseline"])
         lines.append(f"| {m} | {per} | {e['geomean']} | {e['min']} |")
     lines += ["", f"Slowest solve: {s['max_solve_s']} s; largest reported gap: {s['max_gap']}.",
-              "Fast heuristic (llmpq_fast) latency over the exact llmpq_awq4 plan's, minus 1, per cluster: "
-              + ", ".join("-" if g is None else f"{g:+.2%}" for g in s["llmpq_fast_gap_vs_exact"]) + "."]
+              ("Fast heuristic (llmpq_fast) latency over the exact llmpq_awq4 plan's, minus 1, per cluster: "
+               + ", ".join("-" if g is None else f"{g:+.2%}" for g in s["llmpq_fast_gap_vs_exact"]) + ".")]
     if "large" in doc:
         big = doc["large"]
-        lines += ["", f"Scaling: {big['model']} ({big['layers']} layers) on {big['devices']} "
-                      f"({big['n_devices']} devices):", "", "| method | tokens/s | solve s | status | gap |",
+        title = f"Scaling: {big['model']} ({big['layers']} layers) on {big['devices']} ({big['n_devices']} devices):"
+        lines += ["", title, "", "| method | tokens/s | solve s | status | gap |",
                   "|---|---|---|---|---|"]
         for m, e in big["methods"].items():
             lines.append(f"| {m} | {e['tokens_per_s']:.1f} | {e['solve_s']:.1f} | {e.get('status')} | "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from llmpq_serve.planner.milp import MilpResult, StageSlot, add_pipeline, solve
+from llmpq_serve.planner.milp import MilpResult, add_pipeline, chain_slots, solve
 from llmpq_serve.planner.problem import Problem
 from llmpq_serve.spec import DeviceSpec
 
@@ -21,14 +21,6 @@ class IlpSolution:
     bits: list[list[int]]  # per stage, per layer
 
 
-def order_slots(problem: Problem, devices: list[DeviceSpec], mb_prefill: int, mb_decode: int) -> list[StageSlot]:
-    last = len(devices) - 1
-    return [StageSlot(d, j == 0, j == last,
-                      0.0 if j == last else problem.send_time(d, devices[j + 1], "prefill", mb_prefill),
-                      0.0 if j == last else problem.send_time(d, devices[j + 1], "decode", mb_decode))
-            for j, d in enumerate(devices)]
-
-
 def solve_order(problem: Problem, devices: list[DeviceSpec], bits: tuple[int, ...], mb_prefill: int,
                 mb_decode: int, warm: list[list[int]] | None = None, time_limit: float = 10.0,
                 gap: float = 1e-4, lower: float | None = None, cutoff: float | None = None) -> IlpSolution:
@@ -36,7 +28,7 @@ def solve_order(problem: Problem, devices: list[DeviceSpec], bits: tuple[int, ..
     soon as it finds a plan within `gap` of it instead of proving what the relaxation already proved. `cutoff`: the
     best objective known elsewhere; plans of this order that cannot beat it are pruned."""
     L, S = problem.model.layers, len(devices)
-    slots = order_slots(problem, devices, mb_prefill, mb_decode)
+    slots = chain_slots(problem, devices, mb_prefill, mb_decode)
     lp = pulp.LpProblem("llmpq_ilp", pulp.LpMinimize)
     span = [range(j, L - S + j + 1) for j in range(S)]
     w = {(l, j, b): lp.add_variable(f"w_{l}_{j}_{b}", cat="Binary") for j in range(S) for l in span[j] for b in bits}

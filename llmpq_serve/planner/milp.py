@@ -43,6 +43,23 @@ class StageSlot:
     send_decode: float
 
 
+def chain_slots(problem: Problem, devices: list[DeviceSpec], mb_prefill: int | None, mb_decode: int | None,
+                exact_links: bool = True) -> list[StageSlot]:
+    """Slots for `devices` in pipeline order. With exact_links each stage sends to the next device; without, over
+    the fastest link the device has (a lower bound while the order between first and last is still open)."""
+    last = len(devices) - 1
+
+    def send(j: int, phase: str, mb: int | None) -> float:
+        if j == last or mb is None:
+            return 0.0
+        if exact_links:
+            return problem.send_time(devices[j], devices[j + 1], phase, mb)
+        return problem.best_send_time(devices[j], phase, mb)
+
+    return [StageSlot(d, j == 0, j == last, send(j, "prefill", mb_prefill), send(j, "decode", mb_decode))
+            for j, d in enumerate(devices)]
+
+
 @dataclass
 class MilpResult:
     status: str  # optimal | feasible | infeasible | no-solution

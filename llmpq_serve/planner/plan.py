@@ -27,7 +27,7 @@ class StagePlan(BaseModel):
     bits: list[int] = Field(description="bit-width of each layer of the stage, in order")
 
     @model_validator(mode="after")
-    def _bits_match(self) -> "StagePlan":
+    def _bits_match(self) -> StagePlan:
         start, end = self.layers
         if not 0 <= start < end or len(self.bits) != end - start:
             raise ValueError(f"stage on {self.device.id}: layers {self.layers} and {len(self.bits)} bit-widths")
@@ -76,7 +76,7 @@ class Plan(BaseModel):
     solver: SolverStats
 
     @model_validator(mode="after")
-    def _layers_cover_model(self) -> "Plan":
+    def _layers_cover_model(self) -> Plan:
         expected = 0
         for stage in self.stages:
             if stage.layers[0] != expected:
@@ -94,14 +94,14 @@ class Plan(BaseModel):
         return self.model_dump_json(indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.model_validate_json(text)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         return cls.from_json(Path(path).read_text())
 
     def table(self) -> str:

@@ -54,7 +54,7 @@ class Problem:
             raise ValueError(f"prompt {workload.prompt_len} + output {workload.gen_len} tokens exceed the model's "
                              f"context of {model.max_pos}")
 
-    def with_quality(self, quality: QualityTarget) -> "Problem":
+    def with_quality(self, quality: QualityTarget) -> Problem:
         """The same problem under another quality target (cost tables are shared, not recomputed)."""
         other = object.__new__(Problem)
         other.__dict__.update(self.__dict__)

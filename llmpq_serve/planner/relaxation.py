@@ -13,7 +13,7 @@ import math
 
 import pulp
 
-from llmpq_serve.planner.milp import MilpResult, StageSlot, add_pipeline, solve
+from llmpq_serve.planner.milp import MilpResult, StageSlot, add_pipeline, chain_slots, solve
 from llmpq_serve.planner.problem import Problem
 from llmpq_serve.spec import DeviceSpec
 
@@ -23,10 +23,7 @@ def slots_for(problem: Problem, first: DeviceSpec, last: DeviceSpec, mb_prefill:
     middle = [d for d in problem.cluster.devices if d.id not in (first.id, last.id)]
     middle.sort(key=lambda d: (d.node, d.gpu))  # same-class slots adjacent, for symmetry breaking
     order = [first] + middle + ([last] if last.id != first.id else [])
-    return [StageSlot(d, j == 0, j == len(order) - 1,
-                      0.0 if j == len(order) - 1 or not mb_prefill else problem.best_send_time(d, "prefill", mb_prefill),
-                      0.0 if j == len(order) - 1 or not mb_decode else problem.best_send_time(d, "decode", mb_decode))
-            for j, d in enumerate(order)]
+    return chain_slots(problem, order, mb_prefill, mb_decode, exact_links=False)
 
 
 class Relaxation:

@@ -155,8 +155,8 @@ def _ranked_combos(problem: Problem, bits: tuple[int, ...],
     combos = []
     for first, last in endpoint_pairs(problem):
         if rules.phase_aware:
-            pre = {p: Relaxation(problem, bits, first, last, p, None).lp_bound() for p in dict.fromkeys(p for p, _ in pairs)}
-            dec = {d: Relaxation(problem, bits, first, last, None, d).lp_bound() for d in dict.fromkeys(d for _, d in pairs)}
+            pre = {p: Relaxation(problem, bits, first, last, p, None).lp_bound() for p, _ in pairs}
+            dec = {d: Relaxation(problem, bits, first, last, None, d).lp_bound() for _, d in pairs}
             combos += [(pre[p] + dec[d], first, last, p, d) for p, d in pairs]
         else:
             combos += [(-math.inf, first, last, p, d) for p, d in pairs]
@@ -262,8 +262,8 @@ def _multiset_permutations(items: list[str]) -> list[list[str]]:
         if len(prefix) == len(items):
             out.append(list(prefix))
             return
-        for x in counts:
-            if counts[x]:
+        for x, left in counts.items():
+            if left:
                 counts[x] -= 1
                 prefix.append(x)
                 walk(prefix)
