@@ -57,6 +57,28 @@ def cmd_bench_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from llmpq_serve import demo_model
+
+    for arch in args.arch:
+        path = demo_model.build(arch, force=args.force)
+        meta = demo_model.load_meta(path)
+        print(f"{arch}: {path}  held-out perplexity {meta['held_out_ppl']:.1f} (random init "
+              f"{meta['random_init_ppl']:.1f}), {meta['params'] / 1e6:.1f} M parameters, {meta['seconds']:.0f} s")
+    return 0
+
+
+def cmd_bench_quant(args: argparse.Namespace) -> int:
+    from llmpq_serve.bench import quantization
+
+    doc = quantization.run()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quant.json").write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc) if args.json else json.dumps(doc, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out-dir", default="benchmarks/results")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_plan)
+    q = bench.add_parser("quant", help="quality, bytes and speed of every weight format on the demo models")
+    q.add_argument("--out-dir", default="benchmarks/results")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_bench_quant)
+
+    d = sub.add_parser("demo-model", help="train (or reuse) the demo models under $LLMPQ_CACHE")
+    d.add_argument("--arch", nargs="*", default=["llama", "opt"], choices=["llama", "opt"])
+    d.add_argument("--force", action="store_true", help="retrain even when a matching model exists")
+    d.set_defaults(func=cmd_demo_model)
     return parser
 
 

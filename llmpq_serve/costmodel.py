@@ -31,6 +31,8 @@ class CostConfig(BaseModel):
     runtime_overhead_mib: float = Field(default=1930, ge=0)
     kv_bytes: int = Field(default=2, description="bytes per KV-cache element (fp16)")
     act_bytes: int = Field(default=2, description="bytes per activation element (fp16)")
+    float_bytes: int = Field(default=2, description="bytes per float weight, scale and zero (fp16 on GPU; 4 for a "
+                                                    "CPU runtime in fp32)")
     intra_node_latency_s: float = 10e-6
     inter_node_latency_s: float = 50e-6
     profiles_dir: Path | None = DEFAULT_PROFILES
@@ -42,8 +44,9 @@ def _load_profile(path: Path, mtime: float) -> Profile:
 
 
 def packed_words(n: int, bits: int) -> int:
-    """32-bit words holding n values packed at `bits` (compressed-tensors packs floor(32/bits) per word)."""
-    return math.ceil(n / (32 // bits))
+    """32-bit words holding n values packed densely at `bits` (compressed-tensors' layout: values may straddle
+    word boundaries, so 3-bit costs exactly 3 bits)."""
+    return math.ceil(n * bits / 32)
 
 
 def group_size_for(in_features: int, preferred: int) -> int:
@@ -54,17 +57,16 @@ def group_size_for(in_features: int, preferred: int) -> int:
     return g
 
 
-def matrix_bytes(out_f: int, in_f: int, bits: int, group_size: int) -> int:
-    """Bytes of one linear layer's weight as stored in memory at `bits`."""
+def matrix_bytes(out_f: int, in_f: int, bits: int, group_size: int, float_bytes: int = 2) -> int:
+    """Bytes one linear layer's weight holds in memory at `bits`, as the runtime keeps it: 16-bit weights as floats
+    of `float_bytes` (fp16 on GPU, fp32 on CPU); int8 with one float scale per output row; 4/3-bit packed densely
+    with a float scale and a float zero per group of each row (the layout the weight-only int4 kernels take)."""
     if bits == 16:
-        return out_f * in_f * 2
+        return out_f * in_f * float_bytes
     if bits == 8:
-        return out_f * in_f + out_f * 2  # int8 values + one fp16 scale per output channel
+        return out_f * in_f + out_f * float_bytes
     groups = in_f // group_size_for(in_f, group_size)
-    values = out_f * packed_words(in_f, bits) * 4
-    scales = out_f * groups * 2
-    zeros = packed_words(out_f, bits) * groups * 4
-    return values + scales + zeros
+    return out_f * packed_words(in_f, bits) * 4 + out_f * groups * 2 * float_bytes
 
 
 class CostModel:
@@ -78,8 +80,9 @@ class CostModel:
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"unsupported bit-width {bits}; supported: {SUPPORTED_BITS}")
         g = self.kernels["group_size"]
-        linear = sum(matrix_bytes(o, i, bits, g) for o, i in self.model.linear_shapes())
-        return linear + self.model.layer_extra_params * 2
+        fb = self.config.float_bytes
+        linear = sum(matrix_bytes(o, i, bits, g, fb) for o, i in self.model.linear_shapes())
+        return linear + self.model.layer_extra_params * fb
 
     def layer_kv_bytes(self, batch: int, max_len: int) -> int:
         """K and V of one layer for `batch` requests at `max_len` tokens each."""

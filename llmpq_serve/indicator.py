@@ -70,6 +70,37 @@ class Indicator(BaseModel):
         return cls(source="analytic-default", omega=rows)
 
     @classmethod
+    def calibrated(cls, model, arch: str, calibration: dict, group_size: int = 128) -> Indicator:
+        """The LLM-PQ idea, measured: ω[l][b] is the expected output perturbation that quantizing layer l to b bits
+        causes, Σ over its linears of mean ||x·(W - Q_b(W))ᵀ||² on the layer's real calibration inputs x
+        (round-to-nearest Q_b: group-wise for 4 and 3 bits, per channel for 8). Layers whose inputs are large or
+        whose weights quantize badly cost more."""
+        import torch
+
+        from llmpq_serve.quant.calibration import decoder_layers
+        from llmpq_serve.quant.groupwise import fake_quantize
+        from llmpq_serve.quant.layout import linear_names
+
+        rows = []
+        with torch.no_grad():
+            for i, layer in enumerate(decoder_layers(model, arch)):
+                row = {16: 0.0}
+                for bits in (8, 4, 3):
+                    total = 0.0
+                    for name in linear_names(arch):
+                        w = layer.get_submodule(name).weight.detach().float()
+                        if bits == 8:
+                            step = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
+                            w_hat = torch.round(w / step) * step
+                        else:
+                            w_hat = fake_quantize(w, bits, group_size)
+                        x = calibration[i].inputs[name]
+                        total += (x @ (w - w_hat).T).pow(2).sum(-1).mean().item()
+                    row[bits] = total
+                rows.append(row)
+        return cls(source="calibrated: output perturbation on calibration text", omega=rows)
+
+    @classmethod
     def from_json(cls, path: str | Path) -> Indicator:
         """`{"source": ..., "omega": [{"16": 0, "8": ..., "4": ..., "3": ...}, ...]}` (one entry per layer)."""
         data = json.loads(Path(path).read_text())

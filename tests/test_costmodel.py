@@ -18,8 +18,8 @@ def tiny() -> ModelSpec:
 
 def test_packed_words():
     assert packed_words(512, 4) == 64  # 8 per 32-bit word
-    assert packed_words(512, 3) == 52  # 10 per word, 2 bits wasted
-    assert packed_words(256, 8) == 64
+    assert packed_words(512, 3) == 48  # dense: values straddle words, no bits wasted
+    assert packed_words(10, 3) == 1 and packed_words(11, 3) == 2
 
 
 def test_group_size_halves_until_it_divides():
@@ -32,9 +32,10 @@ def test_matrix_bytes_by_hand():
     out_f, in_f = 256, 512
     assert matrix_bytes(out_f, in_f, 16, 128) == 256 * 512 * 2
     assert matrix_bytes(out_f, in_f, 8, 128) == 256 * 512 + 256 * 2
-    # values 256 x 64 words, fp16 scales 256 x 4 groups, zeros packed along out: 32 words x 4 groups
-    assert matrix_bytes(out_f, in_f, 4, 128) == 256 * 64 * 4 + 256 * 4 * 2 + 32 * 4 * 4
-    assert matrix_bytes(out_f, in_f, 3, 128) == 256 * 52 * 4 + 256 * 4 * 2 + 26 * 4 * 4
+    # values 256 rows x 64 words; an fp16 scale and an fp16 zero per row and group of 128
+    assert matrix_bytes(out_f, in_f, 4, 128) == 256 * 64 * 4 + 256 * 4 * 2 * 2
+    assert matrix_bytes(out_f, in_f, 3, 128) == 256 * 48 * 4 + 256 * 4 * 2 * 2
+    assert matrix_bytes(out_f, in_f, 16, 128, float_bytes=4) == 256 * 512 * 4  # an fp32 CPU runtime
 
 
 def test_layer_weight_bytes_llama_gqa(tiny):

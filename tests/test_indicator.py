@@ -31,3 +31,22 @@ def test_from_json_and_validation(tmp_path):
         Indicator(source="x", omega=[{16: 0.0, 3: 1.0}, {16: 0.0, 4: 1.0, 3: 1.0}])
     with pytest.raises(ValueError, match="2 bit-widths for 3 layers"):
         Indicator(source="x", omega=[{3: 1.0}] * 3).quality([3, 3])
+
+
+def test_calibrated_indicator_tracks_output_perturbation():
+    import torch
+
+    from llmpq_serve.quant.calibration import collect_inputs
+    from tests.test_quant import ids, tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():  # layer 1 gets larger, harder-to-quantize weights
+        for p in model.model.layers[1].mlp.parameters():
+            p.mul_(4.0)
+    calib = collect_inputs(model, "llama", [ids()])
+    ind = Indicator.calibrated(model, "llama", calib)
+    assert ind.source.startswith("calibrated")
+    for row in ind.omega:
+        assert row[16] == 0 < row[8] < row[4] < row[3]
+    assert max(range(3), key=lambda i: ind.omega[i][3]) == 1
+    assert ind.uniform_quality(3) == pytest.approx(1.0)

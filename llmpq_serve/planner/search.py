@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llmpq_serve.planner.ilp import solve_order
 from llmpq_serve.planner.plan import Plan, SolverStats, StagePlan
@@ -110,6 +110,10 @@ def search(problem: Problem, rules: Rules, time_limit: float = 10.0, gap: float 
             bound = b if bound is None else min(bound, b)
         if rules.highest_bits_that_fit and state.best is not None:
             break
+    if state.best is None and rules.fast:  # the heuristic found nothing: the exact search decides
+        exact = search(problem, replace(rules, fast=False), time_limit, gap, seeds)
+        exact.solver.notes.append("fast heuristic found no feasible plan; solved exactly instead")
+        return exact
     if state.best is None:
         raise InfeasibleError(infeasibility_report(problem, rules))
     return _to_plan(problem, rules, state, bound, time.perf_counter() - start, gap)

@@ -1,0 +1,128 @@
+"""Quantize exactly the layers a plan gives a stage, each at its bits, with an on-disk cache so that a restart or a
+re-plan does not recalibrate."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from llmpq_serve.quant.awq import awq_quantize_layer
+from llmpq_serve.quant.calibration import LayerCalibration, decoder_layers
+from llmpq_serve.quant.layout import linear_names
+from llmpq_serve.quant.linear import QuantLinear
+
+METHODS = ("awq", "rtn")
+
+
+def model_id(path: str | Path) -> str:
+    """Identifies a checkpoint by its config and the size and header of its weight files (not their path)."""
+    path = Path(path)
+    h = hashlib.sha1((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode() + str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 16))
+    return h.hexdigest()[:16]
+
+
+class QuantCache:
+    """Quantized layers on disk, keyed by (model, layer, bits, method, group size), in the compressed-tensors layout
+    (plus the layer's norms, which AWQ rescales)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, model: str, layer: int, bits: int, method: str, group_size: int) -> Path:
+        return self.root / model / f"layer{layer:03d}.{method}.{bits}b.g{group_size}.safetensors"
+
+    def load(self, model: str, layer: int, bits: int, method: str, group_size: int) -> dict[str, torch.Tensor] | None:
+        p = self.path(model, layer, bits, method, group_size)
+        return load_file(str(p)) if p.is_file() else None
+
+    def save(self, model: str, layer: int, bits: int, method: str, group_size: int,
+             state: dict[str, torch.Tensor]) -> None:
+        p = self.path(model, layer, bits, method, group_size)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(p)  # a crash mid-write never leaves a truncated entry behind
+
+
+def quantize_layer(layer: nn.Module, arch: str, bits: int, method: str = "awq",
+                   calib: LayerCalibration | None = None, group_size: int = 128) -> None:
+    """Replaces the linears of one decoder layer, in place, by QuantLinears at `bits`. AWQ (4 and 3 bits) needs the
+    layer's calibration; int8 is per-channel round-to-nearest either way."""
+    if method not in METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; choose from {METHODS}")
+    if bits == 16:
+        return
+    found = {}
+    if method == "awq" and bits in (4, 3):
+        if calib is None:
+            raise ValueError("AWQ needs calibration data for the layer (quant.calibration.collect_inputs)")
+        found = awq_quantize_layer(layer, arch, calib, bits, group_size)
+    for name in linear_names(arch):
+        parent, attr = _parent(layer, name)
+        linear = getattr(parent, attr)
+        setattr(parent, attr, QuantLinear.from_linear(linear, bits, group_size, found.get(name)))
+
+
+def layer_state(layer: nn.Module, arch: str) -> dict[str, torch.Tensor]:
+    """A quantized layer's tensors: linears in compressed-tensors form, everything else (norms) as is."""
+    state: dict[str, torch.Tensor] = {}
+    quantized = set()
+    for name in linear_names(arch):
+        module = layer.get_submodule(name)
+        for k, v in module.state().items():
+            state[f"{name}.{k}"] = v
+        quantized.add(name)
+    for k, v in layer.state_dict().items():
+        if not any(k.startswith(q + ".") for q in quantized):
+            state[k] = v
+    return state
+
+
+def load_layer_state(layer: nn.Module, arch: str, bits: int, group_size: int, state: dict[str, torch.Tensor]) -> None:
+    for name in linear_names(arch):
+        sub = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+        parent, attr = _parent(layer, name)
+        setattr(parent, attr, QuantLinear.from_state(sub, bits, group_size))
+    rest = {k: v for k, v in state.items() if not any(k.startswith(n + ".") for n in linear_names(arch))}
+    layer.load_state_dict(rest, strict=False)
+
+
+def quantize_shard(model: nn.Module, arch: str, layers: list[int], bits_per_layer: list[int],
+                   calibration: dict[int, LayerCalibration] | None = None, method: str = "awq",
+                   group_size: int = 128, cache: QuantCache | None = None, model_key: str | None = None) -> int:
+    """Quantizes `layers` of `model` in place, layer i at bits_per_layer[i]. With a cache (and the model's key),
+    layers found there are loaded instead of recalibrated. Returns how many layers came from the cache."""
+    if len(layers) != len(bits_per_layer):
+        raise ValueError(f"{len(layers)} layers but {len(bits_per_layer)} bit-widths")
+    blocks = decoder_layers(model, arch)
+    hits = 0
+    for layer_id, bits in tqdm(list(zip(layers, bits_per_layer)), desc="quantizing layers", unit="layer",
+                               disable=len(layers) < 2):
+        if bits == 16:
+            continue
+        block = blocks[layer_id]
+        key = (model_key, layer_id, bits, method, group_size)
+        cached = cache.load(*key) if cache is not None and model_key is not None else None
+        if cached is not None:
+            load_layer_state(block, arch, bits, group_size, cached)
+            hits += 1
+            continue
+        calib = calibration.get(layer_id) if calibration is not None else None
+        quantize_layer(block, arch, bits, method, calib, group_size)
+        if cache is not None and model_key is not None:
+            cache.save(*key, layer_state(block, arch))
+    return hits
+
+
+def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    head, _, attr = name.rpartition(".")
+    return (root.get_submodule(head) if head else root), attr

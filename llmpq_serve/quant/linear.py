@@ -1,0 +1,155 @@
+"""A linear layer that holds its weight at 16, 8, 4 or 3 bits and runs on torch's own weight-only kernels.
+
+- 16: the float weight.
+- 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm`.
+- 4: group-wise with zero points, packed for `_weight_int4pack_mm_for_cpu` (two values a byte) on CPU.
+- 3: no kernel exists: values packed densely into int32 words (compressed-tensors' layout, 3 bits each), unpacked
+  and dequantized at each call. Memory stays at 3 bits; time pays for the unpacking.
+
+`state()` / `from_state()` give the compressed-tensors on-disk form (int-quantized for 8 bits, pack-quantized for 4
+and 3: weight_packed, weight_scale, weight_zero_point, weight_shape)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
+from torch import nn
+
+from llmpq_serve.quant.groupwise import GroupQuant, quantize
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    # ---- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128,
+                    quantized: GroupQuant | None = None) -> QuantLinear:
+        """`quantized`: the group quantization to hold (AWQ's); round-to-nearest of the weight when omitted."""
+        w = linear.weight.detach().float()
+        if bits in (4, 3) and quantized is None:
+            quantized = quantize(w, bits, group_size)
+        gs = quantized.group_size if quantized is not None else group_size
+        layer = cls(linear.in_features, linear.out_features, bits, gs, linear.bias)
+        if bits == 16:
+            layer.register_buffer("weight", linear.weight.detach().clone())
+        elif bits == 8:
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
+            layer.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            layer.register_buffer("scale", scale)
+        else:
+            layer._hold(quantized)
+        return layer
+
+    def _hold(self, gq: GroupQuant) -> None:
+        if gq.bits == 4:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(gq.q.to(torch.int32), 1)
+            # the kernel computes (q - 8) * scale + bias per group
+            bias = (8 - gq.zero.float()) * gq.scale
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales_and_zeros", torch.stack([gq.scale, bias], -1).transpose(0, 1).contiguous())
+        else:
+            offset = 1 << (gq.bits - 1)
+            self.register_buffer("qweight", pack_to_int32((gq.q.to(torch.int16) - offset).to(torch.int8), gq.bits))
+            self.register_buffer("scale", gq.scale.contiguous())
+            self.register_buffer("zero", gq.zero.float() * gq.scale)  # float zero: w = q * scale - zero
+
+    # ---- compute --------------------------------------------------------------------------------------------------
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.bits == 16:
+            return self.weight.float()
+        if self.bits == 8:
+            return self.qweight.float() * self.scale[:, None]
+        return self.group_quant().dequantize()
+
+    def group_quant(self) -> GroupQuant:
+        """The held 4/3-bit weight back as integers (for saving and for tests)."""
+        if self.bits == 4:
+            # The int4 pack layout is the kernel's own; running the kernel on the identity with scale 1 and offset 8
+            # reads the integers back without depending on it.
+            scale = self.scales_and_zeros[..., 0].transpose(0, 1)
+            zero = 8 - self.scales_and_zeros[..., 1].transpose(0, 1) / scale
+            eye = torch.eye(self.in_features, dtype=torch.float32)
+            q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size,
+                                                           torch.stack([torch.ones_like(scale),
+                                                                        torch.full_like(scale, 8.0)], -1)
+                                                           .transpose(0, 1).contiguous())
+            return GroupQuant(torch.round(q.T).to(torch.uint8), scale.contiguous(),
+                              torch.round(zero).to(torch.uint8), 4, self.group_size)
+        offset = 1 << (self.bits - 1)
+        shape = torch.Size([self.out_features, self.in_features])
+        q = (unpack_from_int32(self.qweight, self.bits, shape).to(torch.int16) + offset).to(torch.uint8)
+        zero = torch.round(self.zero / self.scale).to(torch.uint8)
+        return GroupQuant(q, self.scale, zero, self.bits, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 16:
+            return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(flat.float(), self.qweight, self.scale)
+        elif self.bits == 4:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.float(), self.qweight, self.group_size,
+                                                           self.scales_and_zeros)
+        else:
+            y = flat.float() @ self._dequantize_3bit().T
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _dequantize_3bit(self) -> torch.Tensor:
+        shape = torch.Size([self.out_features, self.in_features])
+        q = unpack_from_int32(self.qweight, 3, shape).float() + 4
+        g = self.group_size
+        w = q.reshape(self.out_features, -1, g) * self.scale[..., None] - self.zero[..., None]
+        return w.reshape(shape)
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the weight as held (values, scales, zeros), without the bias."""
+        return sum(b.numel() * b.element_size() for name, b in self.named_buffers())
+
+    # ---- on-disk form (compressed-tensors) ------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {} if self.bias is None else {"bias": self.bias.detach()}
+        if self.bits == 16:
+            return {**out, "weight": self.weight}
+        if self.bits == 8:
+            return {**out, "weight": self.qweight, "weight_scale": self.scale[:, None]}
+        gq = self.group_quant()
+        offset = 1 << (self.bits - 1)
+        signed = (gq.q.to(torch.int16) - offset).to(torch.int8)
+        zero = (gq.zero.to(torch.int16) - offset).to(torch.int8)
+        return {**out, "weight_packed": pack_to_int32(signed, self.bits), "weight_scale": gq.scale,
+                "weight_zero_point": pack_to_int32(zero, self.bits, packed_dim=0),
+                "weight_shape": torch.tensor([self.out_features, self.in_features])}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], bits: int, group_size: int) -> QuantLinear:
+        bias = state.get("bias")
+        if bits == 16:
+            w = state["weight"]
+            layer = cls(w.shape[1], w.shape[0], 16, group_size, bias)
+            layer.register_buffer("weight", w.clone())
+            return layer
+        if bits == 8:
+            w = state["weight"]
+            layer = cls(w.shape[1], w.shape[0], 8, group_size, bias)
+            layer.register_buffer("qweight", w.clone())
+            layer.register_buffer("scale", state["weight_scale"][:, 0].clone())
+            return layer
+        out_f, in_f = (int(v) for v in state["weight_shape"])
+        offset = 1 << (bits - 1)
+        scale = state["weight_scale"]
+        q = unpack_from_int32(state["weight_packed"], bits, torch.Size([out_f, in_f])).to(torch.int16) + offset
+        zero = unpack_from_int32(state["weight_zero_point"], bits, scale.shape, packed_dim=0).to(torch.int16) + offset
+        gq = GroupQuant(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), bits, in_f // scale.shape[1])
+        layer = cls(in_f, out_f, bits, gq.group_size, bias)
+        layer._hold(gq)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"

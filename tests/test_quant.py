@@ -1,0 +1,203 @@
+"""Quantized layers: error bounds, packed sizes, AWQ vs round-to-nearest, shards, the cache, stage loading."""
+
+import pytest
+import torch
+from torch import nn
+
+from llmpq_serve.costmodel import CostConfig, CostModel, matrix_bytes
+from llmpq_serve.quant.apply import QuantCache, layer_state, model_id, quantize_shard
+from llmpq_serve.quant.calibration import collect_inputs, decoder_layers
+from llmpq_serve.quant.groupwise import quantize
+from llmpq_serve.quant.linear import QuantLinear
+from llmpq_serve.spec import ModelSpec
+
+
+def tiny_llama(seed: int = 0, layers: int = 3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_opt(seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=300, hidden_size=256, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=128, word_embed_proj_dim=256, dropout=0.0)
+    return OPTForCausalLM(config).eval()
+
+
+def ids(n: int = 4, seq: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_round_trip_error_is_within_half_a_step(bits):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64, bias=False)
+    w = lin.weight.detach()
+    if bits == 8:
+        layer = QuantLinear.from_linear(lin, 8)
+        step = layer.scale[:, None]
+        back = layer.dequantized_weight()
+    else:
+        gq = quantize(w, bits, 128)
+        assert int(gq.q.max()) <= 2**bits - 1
+        step = gq.scale.repeat_interleave(128, dim=1)
+        back = gq.dequantize()
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3])
+def test_packed_bytes_match_the_cost_model(bits):
+    lin = nn.Linear(512, 384, bias=False)
+    q = QuantLinear.from_linear(lin, bits, 128)
+    assert q.weight_nbytes() == matrix_bytes(384, 512, bits, 128, float_bytes=4)
+    if bits == 4:  # about a quarter of fp16 plus scales
+        assert q.weight_nbytes() < 0.3 * 384 * 512 * 2
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_kernels_compute_the_dequantized_product(bits):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    q = QuantLinear.from_linear(lin, bits, 128)
+    x = torch.randn(3, 5, 256)
+    expect = nn.functional.linear(x, q.dequantized_weight(), lin.bias)
+    assert torch.allclose(q(x), expect, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3])
+def test_compressed_tensors_state_round_trip(bits):
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(256, 96), bits, 128)
+    state = q.state()
+    if bits in (4, 3):
+        assert {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"} <= set(state)
+        assert state["weight_packed"].dtype == torch.int32
+        assert state["weight_packed"].shape == (96, 256 * bits // 32)
+    again = QuantLinear.from_state(state, bits, 128)
+    x = torch.randn(4, 256)
+    assert torch.equal(again(x), q(x))
+
+
+def _outlier_model():
+    """Real LLMs have a few input channels with huge activations (often from norm weights); give the tiny model
+    some, so that activation-aware scaling has something to protect."""
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[:4] *= 30.0
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_awq_beats_round_to_nearest_on_outlier_channels(bits):
+    import copy
+
+    model = _outlier_model()
+    calib = collect_inputs(model, "llama", [ids(seed=5)])
+    x = ids(seed=9)
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    errors = {}
+    for method in ("awq", "rtn"):
+        twin = copy.deepcopy(model)
+        quantize_shard(twin, "llama", [0, 1, 2], [bits] * 3, calib, method=method)
+        with torch.no_grad():
+            errors[method] = (twin(input_ids=x).logits - ref).pow(2).mean().item()
+    assert errors["awq"] < 0.8 * errors["rtn"]
+
+
+def test_awq_scaling_keeps_the_full_precision_function():
+    from llmpq_serve.quant.awq import awq_quantize_layer
+
+    model = _outlier_model()
+    calib = collect_inputs(model, "llama", [ids(seed=5)])
+    x = ids(seed=9)
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        awq_quantize_layer(model.model.layers[0], "llama", calib[0], 4)  # folds scales, weights stay float
+        after = model(input_ids=x).logits
+    assert torch.allclose(before, after, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("make,arch", [(tiny_llama, "llama"), (tiny_opt, "opt")])
+def test_quantized_shard_stays_close_to_fp32(make, arch):
+    model = make()
+    x = ids(seed=3)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=x).logits, -1)
+    calib = collect_inputs(model, arch, [ids(seed=4)])
+    n = len(decoder_layers(model, arch))
+    quantize_shard(model, arch, list(range(n)), [8] + [4] * (n - 1), calib)
+    assert isinstance(decoder_layers(model, arch)[0].get_submodule(
+        "self_attn.q_proj" if arch == "llama" else "fc1"), QuantLinear)
+    with torch.no_grad():
+        out = torch.log_softmax(model(input_ids=x).logits, -1)
+    kl = (ref.exp() * (ref - out)).sum(-1).mean().item()
+    assert kl < 0.05
+
+
+def test_only_the_planned_layers_are_quantized():
+    model = tiny_llama()
+    calib = collect_inputs(model, "llama", [ids()])
+    quantize_shard(model, "llama", [1, 2], [16, 3], calib)
+    layers = model.model.layers
+    assert isinstance(layers[0].mlp.down_proj, nn.Linear) and isinstance(layers[1].mlp.down_proj, nn.Linear)
+    assert isinstance(layers[2].mlp.down_proj, QuantLinear) and layers[2].mlp.down_proj.bits == 3
+    with pytest.raises(ValueError, match="2 layers but 1 bit-widths"):
+        quantize_shard(model, "llama", [0, 1], [4], calib)
+
+
+def test_cache_hit_skips_calibration(tmp_path, monkeypatch):
+    cache = QuantCache(tmp_path)
+    first = tiny_llama()
+    calib = collect_inputs(first, "llama", [ids()])
+    assert quantize_shard(first, "llama", [0, 1], [4, 3], calib, cache=cache, model_key="m") == 0
+    assert cache.path("m", 1, 3, "awq", 128).is_file()
+
+    from llmpq_serve.quant import apply
+
+    monkeypatch.setattr(apply, "awq_quantize_layer", lambda *a, **k: pytest.fail("recalibrated despite the cache"))
+    second = tiny_llama()
+    assert quantize_shard(second, "llama", [0, 1], [4, 3], None, cache=cache, model_key="m") == 2
+    x = ids(seed=7)
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=x).logits, second(input_ids=x).logits)
+    assert layer_state(second.model.layers[0], "llama").keys() == layer_state(first.model.layers[0], "llama").keys()
+
+
+def test_stage_loads_only_its_own_layers(tmp_path):
+    from llmpq_serve.checkpoint import load_stage_model, read_tensors
+
+    model = tiny_llama(layers=4)
+    model.save_pretrained(tmp_path)
+    tensors = read_tensors(tmp_path, "llama", range(1, 3), first=False, last=False)
+    assert tensors and all(k.startswith(("model.layers.1.", "model.layers.2.")) for k in tensors)
+    stage = load_stage_model(tmp_path, "llama", range(1, 3), first=False, last=False)
+    for i, layer in enumerate(stage.model.layers):
+        real = not layer.mlp.up_proj.weight.is_meta
+        assert real == (i in (1, 2))
+        if real:
+            assert torch.equal(layer.mlp.up_proj.weight, model.model.layers[i].mlp.up_proj.weight)
+    assert stage.model.embed_tokens.weight.is_meta and stage.lm_head.weight.is_meta
+    first = load_stage_model(tmp_path, "llama", range(1), first=True, last=False)
+    assert not first.model.embed_tokens.weight.is_meta and first.lm_head.weight.is_meta
+    assert model_id(tmp_path) == model_id(tmp_path) and len(model_id(tmp_path)) == 16
+
+
+def test_cost_model_predicts_a_quantized_layer_footprint():
+    model = tiny_llama()
+    spec = ModelSpec.from_hf_config(model.config, name="tiny")
+    calib = collect_inputs(model, "llama", [ids()])
+    cost = CostModel(spec, CostConfig(float_bytes=4))
+    quantize_shard(model, "llama", [0, 1, 2], [8, 4, 3], calib)
+    for i, bits in enumerate((8, 4, 3)):
+        layer = model.model.layers[i]
+        held = sum(t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers()))
+        assert held == pytest.approx(cost.layer_weight_bytes(bits), rel=0.05)
