@@ -113,15 +113,18 @@ def test_awq_beats_round_to_nearest_on_outlier_channels(bits):
     assert errors["awq"] < 0.8 * errors["rtn"]
 
 
-def test_awq_scaling_keeps_the_full_precision_function():
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_awq_scaling_keeps_the_full_precision_function(arch):
+    """Folding the scales into norms and preceding linears (v->o, up->down, fc1->fc2) changes nothing in fp32."""
     from llmpq_serve.quant.awq import awq_quantize_layer
 
-    model = _outlier_model()
-    calib = collect_inputs(model, "llama", [ids(seed=5)])
+    model = _outlier_model() if arch == "llama" else tiny_opt()
+    calib = collect_inputs(model, arch, [ids(seed=5)])
     x = ids(seed=9)
     with torch.no_grad():
         before = model(input_ids=x).logits
-        awq_quantize_layer(model.model.layers[0], "llama", calib[0], 4)  # folds scales, weights stay float
+        for i, layer in enumerate(decoder_layers(model, arch)):
+            awq_quantize_layer(layer, arch, calib[i], 4)  # folds scales; the weights stay float
         after = model(input_ids=x).logits
     assert torch.allclose(before, after, atol=1e-3, rtol=1e-3)
 
