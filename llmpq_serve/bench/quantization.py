@@ -73,14 +73,13 @@ def bench_model(arch: str) -> dict[str, Any]:
     ref = logits_of(model, ids)
     L = spec.layers
 
-    quality, bytes_, twins = {}, {}, {}
+    quality, bytes_ = {}, {}
     cost = CostModel(spec, CostConfig(float_bytes=4))  # this runtime keeps floats in fp32 on the CPU
     for name, (bits, method) in tqdm(FORMATS.items(), desc=f"{arch}: formats", unit="format"):
         twin = quantized_copy(model, spec.arch, [bits] * L, method, calib)
         quality[name] = kl_and_ppl(ref, logits_of(twin, ids), ids)
         bytes_[str(bits)] = {"measured": layer_bytes(decoder_layers(twin, spec.arch)[0]),
                        "predicted": cost.layer_weight_bytes(bits)}
-        twins[name] = twin
 
     indicator = Indicator.calibrated(model, spec.arch, calib)
     single = []
