@@ -78,7 +78,7 @@ class Indicator(BaseModel):
         import torch
 
         from llmpq_serve.quant.calibration import decoder_layers
-        from llmpq_serve.quant.groupwise import fake_quantize
+        from llmpq_serve.quant.groupwise import fake_quantize, quantize_int8
         from llmpq_serve.quant.layout import linear_names
 
         rows = []
@@ -90,8 +90,8 @@ class Indicator(BaseModel):
                     for name in linear_names(arch):
                         w = layer.get_submodule(name).weight.detach().float()
                         if bits == 8:
-                            step = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
-                            w_hat = torch.round(w / step) * step
+                            q, scale = quantize_int8(w)
+                            w_hat = q.float() * scale[:, None]
                         else:
                             w_hat = fake_quantize(w, bits, group_size)
                         x = calibration[i].inputs[name]

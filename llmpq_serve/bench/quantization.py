@@ -30,8 +30,8 @@ GROUP = 128
 CALIB_WINDOWS, EVAL_WINDOWS, SEQ = 16, 24, 128
 
 
-def windows(data: torch.Tensor, n: int, seq: int = SEQ, offset: int = 0) -> torch.Tensor:
-    return torch.stack([data[offset + i * seq: offset + (i + 1) * seq] for i in range(n)])
+def windows(data: torch.Tensor, n: int, seq: int = SEQ) -> torch.Tensor:
+    return torch.stack([data[i * seq: (i + 1) * seq] for i in range(n)])
 
 
 @torch.no_grad()
@@ -79,7 +79,7 @@ def bench_model(arch: str) -> dict[str, Any]:
         twin = quantized_copy(model, spec.arch, [bits] * L, method, calib)
         quality[name] = kl_and_ppl(ref, logits_of(twin, ids), ids)
         bytes_[str(bits)] = {"measured": layer_bytes(decoder_layers(twin, spec.arch)[0]),
-                       "predicted": cost.layer_weight_bytes(bits)}
+                             "predicted": cost.layer_weight_bytes(bits)}
 
     indicator = Indicator.calibrated(model, spec.arch, calib)
     single = []

@@ -1,8 +1,9 @@
 """AWQ (activation-aware weight quantization, Lin et al. 2023) for one decoder layer.
 
 1. Scale search: for each group of linears sharing an input X, per-input-channel scales s = mean|X|^α (normalised),
-   and the weight-aware s = mean|X|^α / mean|W|^(1-α), are tried for α on a grid; W·diag(s) is quantized and divided back, and the α whose decoder-layer output (the
-   block run on its real calibration inputs) stays closest to the full-precision one wins. Salient input channels
+   and the weight-aware s = mean|X|^α / mean|W|^(1-α), are tried for α on a grid; W·diag(s) is quantized and
+   divided back, and the scales whose decoder-layer output (the block run on its real calibration inputs) stays
+   closest to the full-precision one win. Salient input channels
    (large activations) get finer effective steps.
 2. The scales are folded: W ← W·diag(s), and the group's predecessor (its norm, or the linear before it) is divided
    by s, so the layer computes the same function in full precision.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmpq_serve.costmodel import group_size_for
 from llmpq_serve.quant.calibration import LayerCalibration
 from llmpq_serve.quant.groupwise import GroupQuant, fake_quantize, quantize
 from llmpq_serve.quant.layout import NO_CLIP, scale_groups
@@ -86,7 +88,7 @@ def _candidate_scales(x_magnitude: torch.Tensor, w_magnitude: torch.Tensor):
 def _weight_magnitude(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Mean over rows of |w| relative to its group's largest, per input channel."""
     out_f, in_f = w.shape
-    g = quantize(w[:1], 8, group_size).group_size
+    g = group_size_for(in_f, group_size)
     wg = w.abs().reshape(out_f, in_f // g, g)
     return (wg / wg.amax(-1, keepdim=True).clamp(min=1e-8)).reshape(out_f, in_f).mean(0).clamp(min=1e-4)
 
@@ -106,7 +108,7 @@ def _search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int) -
     if x.shape[0] > CLIP_TOKENS:
         x = x[torch.randperm(x.shape[0], generator=gen)[:CLIP_TOKENS]]
     out_f, in_f = w.shape
-    g = quantize(w[:1], bits, group_size).group_size
+    g = group_size_for(in_f, group_size)
     xg = x.reshape(x.shape[0], in_f // g, g)  # tokens, groups, g
     best = torch.ones(out_f, in_f // g)
     for rows in torch.split(torch.arange(out_f), ROW_CHUNK):

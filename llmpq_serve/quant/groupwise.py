@@ -42,6 +42,12 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 128, clip: torch.Tens
     return GroupQuant(q.reshape(out_f, in_f).to(torch.uint8), scale, zero.to(torch.uint8), bits, g)
 
 
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: (int8 values [out, in], float scale [out]), w ≈ q · scale."""
+    scale = (w.float().abs().amax(1) / 127).clamp(min=1e-8)
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int = 128, clip: torch.Tensor | None = None) -> torch.Tensor:
     """w as it comes back after quantizing and dequantizing."""
     return quantize(w, bits, group_size, clip).dequantize().to(w.dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
 from torch import nn
 
-from llmpq_serve.quant.groupwise import GroupQuant, quantize
+from llmpq_serve.quant.groupwise import GroupQuant, quantize, quantize_int8
 
 
 class QuantLinear(nn.Module):
@@ -38,8 +38,8 @@ class QuantLinear(nn.Module):
         if bits == 16:
             layer.register_buffer("weight", linear.weight.detach().clone())
         elif bits == 8:
-            scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
-            layer.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            qweight, scale = quantize_int8(w)
+            layer.register_buffer("qweight", qweight)
             layer.register_buffer("scale", scale)
         else:
             layer._hold(quantized)
