@@ -6,17 +6,23 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmpq_serve.costmodel import CostConfig, CostModel
-from llmpq_serve.indicator import Indicator
-from llmpq_serve.planner import METHODS, InfeasibleError, Problem, QualityTarget, plan
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
 
+if TYPE_CHECKING:
+    from llmpq_serve.planner import Problem, QualityTarget
+
 NAMED_TARGETS = {"fp16": 16, "int8": 8, "awq4": 4, "awq3": 3}
+# the planner's methods, named here so that the parser builds without importing the solver stack
+PLAN_METHODS = ("llmpq", "uniform", "pipeedge", "llmpq_no_adabits", "llmpq_no_phase", "llmpq_fast")
 
 
 def quality_target(problem: Problem, theta: float | None, budget: float | None, named: str | None) -> QualityTarget:
     """θ and/or a budget; `named` is a budget given as "no worse than the whole model at these bits"."""
+    from llmpq_serve.planner import QualityTarget
+
     if named is not None:
         budget = problem.indicator.uniform_quality(NAMED_TARGETS[named])
     label = f"no worse than the whole model at {named}" if named else ""
@@ -26,6 +32,9 @@ def quality_target(problem: Problem, theta: float | None, budget: float | None, 
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from llmpq_serve.indicator import Indicator
+    from llmpq_serve.planner import InfeasibleError, Problem, plan
+
     model = ModelSpec.resolve(args.model)
     cluster = ClusterSpec.from_yaml(args.cluster)
     workload = Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len)
@@ -79,6 +88,21 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from llmpq_serve import profiler
+
+    grid = None
+    if args.quick:
+        grid = profiler.Grid((1, 4), (16, 64), (1, 8), (16, 128))
+    result = profiler.run(args.model, device=args.device, device_type=args.type, grid=grid)
+    out = Path(args.out) if args.out else Path(args.profiles) / f"{result.device_type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    print(f"wrote {out}: {sum(len(t.points) for t in result.tables)} points on {result.device_name}")
+    print(profiler.summary(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmpq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upper bound on normalised Σω (1.0 = whole model at 3 bits)")
     p.add_argument("--quality", choices=sorted(NAMED_TARGETS), default=None,
                    help="budget: no worse than the whole model at this format")
-    p.add_argument("--method", choices=list(METHODS), default="llmpq")
+    p.add_argument("--method", choices=list(PLAN_METHODS), default="llmpq")
     p.add_argument("--indicator", default=None, help="indicator JSON (default: the analytic one from shapes)")
     p.add_argument("--profiles", type=Path, default=CostConfig().profiles_dir, help="latency profiles folder")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the whole search")
@@ -119,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out-dir", default="benchmarks/results")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_bench_quant)
+
+    pr = sub.add_parser("profile", help="measure per-layer latency on this machine's device -> profiles/<TYPE>.json")
+    pr.add_argument("--model", nargs="+", required=True, help="catalog names or checkpoint directories")
+    pr.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    pr.add_argument("--type", default=None, help="Ray accelerator_type to file it under (default: detected)")
+    pr.add_argument("--profiles", default=str(CostConfig().profiles_dir))
+    pr.add_argument("--out", default=None, help="output file (default: <profiles>/<TYPE>.json)")
+    pr.add_argument("--quick", action="store_true", help="a small grid, for a smoke test")
+    pr.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("demo-model", help="train (or reuse) the demo models under $LLMPQ_CACHE")
     d.add_argument("--arch", nargs="*", default=["llama", "opt"], choices=["llama", "opt"])

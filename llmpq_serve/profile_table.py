@@ -20,7 +20,7 @@ from llmpq_serve.spec import ModelSpec
 Phase = Literal["prefill", "decode"]
 
 
-class LayerShape(BaseModel):
+class LayerShape(BaseModel, frozen=True):
     arch: str
     hidden: int
     heads: int
@@ -82,6 +82,25 @@ def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
     return lo, hi, (x - lo) / (hi - lo)
 
 
+class HeadPoint(BaseModel):
+    """Final norm + LM head for the last position of `micro_batch` sequences."""
+
+    hidden: int
+    vocab: int
+    micro_batch: int
+    median_s: float
+
+
+class TransferFit(BaseModel):
+    """Handing an activation to the next stage: seconds = latency_s + bytes / bytes_per_s, fitted to the
+    measured (sizes, seconds)."""
+
+    latency_s: float
+    bytes_per_s: float
+    sizes: list[int]
+    seconds: list[float]
+
+
 class Profile(BaseModel):
     device_type: str = Field(description="Ray accelerator_type name, e.g. T4, A100, H100, or CPU")
     device_name: str
@@ -89,6 +108,8 @@ class Profile(BaseModel):
     measured_at: str
     method: str = ""
     tables: list[ShapeTable]
+    heads: list[HeadPoint] = Field(default_factory=list)
+    transfer: TransferFit | None = None
 
     def table_for(self, model: ModelSpec) -> ShapeTable | None:
         shape = LayerShape.of(model)

@@ -1,8 +1,10 @@
 """A linear layer that holds its weight at 16, 8, 4 or 3 bits and runs on torch's own weight-only kernels.
 
 - 16: the float weight.
-- 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm`.
-- 4: group-wise with zero points, packed for `_weight_int4pack_mm_for_cpu` (two values a byte) on CPU.
+- 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm` on CPU; on CUDA, which has no weight-only
+  int8 kernel in torch, the int8 weight is widened to the activation dtype at each call.
+- 4: group-wise with zero points, packed for torch's int4 kernel of the device the weight lives on
+  (`_weight_int4pack_mm_for_cpu`, or `_weight_int4pack_mm` with bf16 activations on CUDA).
 - 3: no kernel exists: values packed densely into int32 words (compressed-tensors' layout, 3 bits each), unpacked
   and dequantized at each call. Memory stays at 3 bits; time pays for the unpacking.
 
@@ -17,6 +19,8 @@ from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
 from torch import nn
 
 from llmpq_serve.quant.groupwise import GroupQuant, quantize, quantize_int8
+
+CUDA_INNER_K_TILES = 8  # the int4 CUDA kernel's tiling: in_features must be a multiple of 16 * this
 
 
 class QuantLinear(nn.Module):
@@ -33,25 +37,41 @@ class QuantLinear(nn.Module):
         w = linear.weight.detach().float()
         if bits in (4, 3) and quantized is None:
             quantized = quantize(w, bits, group_size)
-        gs = quantized.group_size if quantized is not None else group_size
-        layer = cls(linear.in_features, linear.out_features, bits, gs, linear.bias)
         if bits == 16:
+            layer = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias)
             layer.register_buffer("weight", linear.weight.detach().clone())
-        elif bits == 8:
-            qweight, scale = quantize_int8(w)
-            layer.register_buffer("qweight", qweight)
-            layer.register_buffer("scale", scale)
-        else:
-            layer._hold(quantized)
+            return layer
+        if bits == 8:
+            return cls.from_int8(*quantize_int8(w), linear.bias)
+        return cls.from_group_quant(quantized, linear.bias)
+
+    @classmethod
+    def from_int8(cls, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> QuantLinear:
+        layer = cls(qweight.shape[1], qweight.shape[0], 8, 0, bias)
+        layer.register_buffer("qweight", qweight)
+        layer.register_buffer("scale", scale)
+        return layer
+
+    @classmethod
+    def from_group_quant(cls, gq: GroupQuant, bias: torch.Tensor | None) -> QuantLinear:
+        """Holds `gq` on the device its tensors are on."""
+        layer = cls(gq.q.shape[1], gq.q.shape[0], gq.bits, gq.group_size, bias)
+        layer._hold(gq)
         return layer
 
     def _hold(self, gq: GroupQuant) -> None:
         if gq.bits == 4:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(gq.q.to(torch.int32), 1)
-            # the kernel computes (q - 8) * scale + bias per group
+            # the kernels compute (q - 8) * scale + bias per group
             bias = (8 - gq.zero.float()) * gq.scale
+            scales_and_zeros = torch.stack([gq.scale, bias], -1).transpose(0, 1).contiguous()
+            if gq.q.is_cuda:
+                pairs = (gq.q[:, ::2] << 4 | gq.q[:, 1::2]).to(torch.uint8)
+                packed = torch.ops.aten._convert_weight_to_int4pack(pairs, CUDA_INNER_K_TILES)
+                scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(gq.q.to(torch.int32), 1)
             self.register_buffer("qweight", packed)
-            self.register_buffer("scales_and_zeros", torch.stack([gq.scale, bias], -1).transpose(0, 1).contiguous())
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
         else:
             offset = 1 << (gq.bits - 1)
             self.register_buffer("qweight", pack_to_int32((gq.q.to(torch.int16) - offset).to(torch.int8), gq.bits))
@@ -73,13 +93,11 @@ class QuantLinear(nn.Module):
             # reads the integers back without depending on it.
             scale = self.scales_and_zeros[..., 0].transpose(0, 1)
             zero = 8 - self.scales_and_zeros[..., 1].transpose(0, 1) / scale
-            eye = torch.eye(self.in_features, dtype=torch.float32)
-            q = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight, self.group_size,
-                                                           torch.stack([torch.ones_like(scale),
-                                                                        torch.full_like(scale, 8.0)], -1)
-                                                           .transpose(0, 1).contiguous())
-            return GroupQuant(torch.round(q.T).to(torch.uint8), scale.contiguous(),
-                              torch.round(zero).to(torch.uint8), 4, self.group_size)
+            identity = torch.stack([torch.ones_like(scale), torch.full_like(scale, 8.0)], -1).transpose(0, 1)
+            eye = torch.eye(self.in_features, device=scale.device)
+            q = self._int4_mm(eye, identity.contiguous().to(self.scales_and_zeros.dtype))
+            return GroupQuant(torch.round(q.T.float()).to(torch.uint8), scale.float().contiguous(),
+                              torch.round(zero.float()).to(torch.uint8), 4, self.group_size)
         offset = 1 << (self.bits - 1)
         shape = torch.Size([self.out_features, self.in_features])
         q = (unpack_from_int32(self.qweight, self.bits, shape).to(torch.int16) + offset).to(torch.uint8)
@@ -91,15 +109,22 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if self.bits == 8:
+        if self.bits == 8 and flat.is_cuda:
+            y = F.linear(flat, self.qweight.to(flat.dtype)) * self.scale.to(flat.dtype)
+        elif self.bits == 8:
             y = torch._weight_int8pack_mm(flat.float(), self.qweight, self.scale)
         elif self.bits == 4:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.float(), self.qweight, self.group_size,
-                                                           self.scales_and_zeros)
+            y = self._int4_mm(flat, self.scales_and_zeros)
         else:
-            y = flat.float() @ self._dequantize_3bit().T
+            y = flat @ self._dequantize_3bit().to(flat.dtype).T
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _int4_mm(self, x: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
+                                                      scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.float(), self.qweight, self.group_size, scales_and_zeros)
 
     def _dequantize_3bit(self) -> torch.Tensor:
         shape = torch.Size([self.out_features, self.in_features])
@@ -136,20 +161,14 @@ class QuantLinear(nn.Module):
             layer.register_buffer("weight", w.clone())
             return layer
         if bits == 8:
-            w = state["weight"]
-            layer = cls(w.shape[1], w.shape[0], 8, group_size, bias)
-            layer.register_buffer("qweight", w.clone())
-            layer.register_buffer("scale", state["weight_scale"][:, 0].clone())
-            return layer
+            return cls.from_int8(state["weight"].clone(), state["weight_scale"][:, 0].clone(), bias)
         out_f, in_f = (int(v) for v in state["weight_shape"])
         offset = 1 << (bits - 1)
         scale = state["weight_scale"]
         q = unpack_from_int32(state["weight_packed"], bits, torch.Size([out_f, in_f])).to(torch.int16) + offset
         zero = unpack_from_int32(state["weight_zero_point"], bits, scale.shape, packed_dim=0).to(torch.int16) + offset
         gq = GroupQuant(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), bits, in_f // scale.shape[1])
-        layer = cls(in_f, out_f, bits, gq.group_size, bias)
-        layer._hold(gq)
-        return layer
+        return cls.from_group_quant(gq, bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"

@@ -1,0 +1,261 @@
+"""`llmpq profile`: measures one decoder layer of given model shapes on the local device, at every bit-width the
+runtime supports, for prefill and decode over a grid of micro-batch sizes and lengths, plus the LM head and the
+stage-to-stage transfer; writes `profiles/<TYPE>.json`.
+
+Weights are random (latency does not depend on their values) but of the real dimensions and in the runtime's own
+form: the same HF layer modules, QuantLinear kernels, KV cache and forward that a stage runs."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from llmpq_serve import catalog
+from llmpq_serve.costmodel import matrix_bytes
+from llmpq_serve.profile_table import HeadPoint, LayerShape, Profile, ProfilePoint, ShapeTable, TransferFit
+from llmpq_serve.quant.groupwise import GroupQuant
+from llmpq_serve.quant.layout import linear_names
+from llmpq_serve.quant.linear import QuantLinear
+from llmpq_serve.runtime.kvcache import KVCache
+from llmpq_serve.runtime.layers import Rows, layer_forward, rotary
+from llmpq_serve.spec import ModelSpec
+
+BITS = (16, 8, 4, 3)
+
+
+@dataclass(frozen=True)
+class Grid:
+    prefill_batches: tuple[int, ...]
+    prompt_lens: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    context_lens: tuple[int, ...]
+
+
+GPU_GRID = Grid((1, 2, 4, 8), (128, 512, 1024, 2048), (1, 4, 16, 32, 64), (128, 512, 1024, 2048))
+CPU_GRID = Grid((1, 2, 4, 8), (16, 32, 64, 128), (1, 2, 4, 8, 16), (16, 64, 128, 256))
+
+
+def detect_device_type(device: torch.device) -> tuple[str, str]:
+    """(Ray accelerator_type name, device name) of the local device: the catalog's Ray type whose name appears in
+    the CUDA device name (e.g. "NVIDIA H100 80GB HBM3" -> H100), else the name's last word."""
+    if device.type != "cuda":
+        return "CPU", f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device)
+    words = name.replace("-", " ").split()
+    types = sorted({g["ray_type"] for g in catalog.gpu_table().values() if g.get("ray_type")}, key=len, reverse=True)
+    return next((t for t in types if t in words), words[-1]), name
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, samples: int = 7,
+            sample_s: float = 0.01) -> tuple[float, float, float]:
+    """(median, p10, p90) seconds per call. A sample runs the call back to back enough times to last `sample_s`, so
+    that timer and synchronisation overheads do not swamp microsecond-scale decode steps."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - start, 1e-7)
+    inner = max(1, min(1000, int(sample_s / once)))
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / inner)
+    times.sort()
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return statistics.median(times), q[0], q[-1]
+
+
+def hf_config(shape: LayerShape, vocab: int = 32000):
+    if shape.arch == "gated":
+        from transformers import LlamaConfig
+
+        return "llama", LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.ffn,
+                                    num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
+                                    num_hidden_layers=1, vocab_size=vocab, max_position_embeddings=8192)
+    from transformers import OPTConfig
+
+    return "opt", OPTConfig(hidden_size=shape.hidden, ffn_dim=shape.ffn, num_attention_heads=shape.heads,
+                            num_hidden_layers=1, vocab_size=vocab, word_embed_proj_dim=shape.hidden,
+                            max_position_embeddings=8192)
+
+
+def random_linear(linear: nn.Linear, bits: int, group_size: int, dtype: torch.dtype) -> nn.Module:
+    out_f, in_f = linear.weight.shape
+    dev = linear.weight.device
+    bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+    if bits == 16:
+        return linear.to(dtype)
+    if bits == 8:
+        q = torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8, device=dev)
+        return QuantLinear.from_int8(q, torch.rand(out_f, device=dev) * 1e-2, bias)
+    g = min(group_size, in_f)
+    levels = 2**bits
+    gq = GroupQuant(torch.randint(0, levels, (out_f, in_f), dtype=torch.uint8, device=dev),
+                    torch.rand(out_f, in_f // g, device=dev) * 1e-2,
+                    torch.randint(0, levels, (out_f, in_f // g), dtype=torch.uint8, device=dev), bits, g)
+    return QuantLinear.from_group_quant(gq, bias)
+
+
+def build_layer(shape: LayerShape, bits: int, device: torch.device, dtype: torch.dtype, group_size: int = 128):
+    arch, config = hf_config(shape)
+    with torch.device(device):
+        if arch == "llama":
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer as Layer
+        else:
+            from transformers.models.opt.modeling_opt import OPTDecoderLayer as Layer
+        layer = Layer(config, layer_idx=0).to(dtype).eval()
+    for name in linear_names(arch):
+        head, _, attr = name.rpartition(".")
+        parent = layer.get_submodule(head) if head else layer
+        setattr(parent, attr, random_linear(getattr(parent, attr), bits, group_size, dtype))
+    return arch, config, layer
+
+
+@torch.inference_mode()
+def profile_layer(shape: LayerShape, bits: int, grid: Grid, device: torch.device, dtype: torch.dtype,
+                  bar: tqdm) -> Iterator[ProfilePoint]:
+    arch, config, layer = build_layer(shape, bits, device, dtype)
+    forward = layer_forward(arch, config)
+    rope_module = rotary(arch, config, device)
+    head_dim = shape.hidden // shape.heads
+    for phase, batches, lens in (("prefill", grid.prefill_batches, grid.prompt_lens),
+                                 ("decode", grid.decode_batches, grid.context_lens)):
+        for mb in batches:
+            for n in lens:
+                cache = KVCache(1, mb, n + 1, shape.kv_heads, head_dim, dtype, device)
+                if phase == "prefill":
+                    rows = Rows(list(range(mb)), [0] * mb, [n] * mb).to(device)
+                else:
+                    rows = Rows(list(range(mb)), [n] * mb, [1] * mb).to(device)
+                x = torch.randn(mb, rows.width, shape.hidden, device=device, dtype=dtype)
+                rope = None if rope_module is None else rope_module(x, rows.positions)
+                median, p10, p90 = measure(partial(forward, layer, x, rope, cache, 0, rows), device)
+                yield ProfilePoint(bits=bits, phase=phase, micro_batch=mb, seq=n, median_s=median, p10_s=p10,
+                                   p90_s=p90)
+                bar.update()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def profile_head(hidden: int, vocab: int, batches: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype) -> list[HeadPoint]:
+    """Final norm + LM head on the last position of each sequence."""
+    norm = nn.LayerNorm(hidden, device=device, dtype=dtype)
+    head = nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype)
+    out = []
+    for mb in batches:
+        x = torch.randn(mb, hidden, device=device, dtype=dtype)
+        median, _, _ = measure(lambda x=x: head(norm(x)).float(), device)
+        out.append(HeadPoint(hidden=hidden, vocab=vocab, micro_batch=mb, median_s=median))
+    return out
+
+
+def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 4096) -> TransferFit:
+    """Latency and bandwidth of handing an activation to the next stage: device -> host -> device on a GPU (the
+    path between Ray actors), serialisation round trip on the CPU; a straight line fitted over sizes."""
+    def hop(x: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            return x.to("cpu").to(device)
+        buf = io.BytesIO()
+        torch.save(x, buf)
+        buf.seek(0)
+        return torch.load(buf)
+
+    sizes, times = [], []
+    for tokens in (1, 16, 256, 4096):
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        sizes.append(x.numel() * x.element_size())
+        times.append(measure(partial(hop, x), device)[0])
+    n = len(sizes)
+    mean_s, mean_t = sum(sizes) / n, sum(times) / n
+    slope = (sum((s - mean_s) * (t - mean_t) for s, t in zip(sizes, times))
+             / sum((s - mean_s) ** 2 for s in sizes))
+    return TransferFit(latency_s=max(mean_t - slope * mean_s, 0.0), bytes_per_s=1 / max(slope, 1e-15),
+                       sizes=sizes, seconds=times)
+
+
+def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
+        bits: tuple[int, ...] = BITS) -> Profile:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    detected, name = detect_device_type(dev)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    grid = grid or (GPU_GRID if dev.type == "cuda" else CPU_GRID)
+    specs = [ModelSpec.resolve(m) for m in models]
+    shapes = list(dict.fromkeys(LayerShape.of(s) for s in specs))
+    per_layer = len(grid.prefill_batches) * len(grid.prompt_lens) + len(grid.decode_batches) * len(grid.context_lens)
+    tables, heads = [], []
+    with tqdm(total=len(shapes) * len(bits) * per_layer, desc=f"profiling on {name}", unit="point") as bar:
+        for shape in shapes:
+            points = [p for b in bits for p in profile_layer(shape, b, grid, dev, dtype, bar)]
+            tables.append(ShapeTable(shape=shape, points=points))
+    for spec in specs:
+        if not any(h.hidden == spec.hidden and h.vocab == spec.vocab for h in heads):
+            heads += profile_head(spec.hidden, spec.vocab, grid.decode_batches, dev, dtype)
+    return Profile(device_type=device_type or detected, device_name=name, torch=torch.__version__,
+                   measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   method=(f"llmpq profile: one decoder layer with random weights of each shape, runtime forward "
+                           f"(QuantLinear kernels, slot KV cache, SDPA) in {str(dtype).removeprefix('torch.')}; "
+                           f"per point the median of 7 samples, each sample >= 10 ms of back-to-back calls after "
+                           f"a warm-up; models: {', '.join(models)}"),
+                   tables=tables, heads=heads, transfer=profile_transfer(dev, dtype))
+
+
+def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> list[dict]:
+    """Per shape and decode micro-batch, at the shortest profiled context: each format's layer time against 16-bit,
+    beside the memory-bandwidth bound (the ratio of weight bytes, what a purely weight-bound step would gain)."""
+    rows = []
+    for table in profile.tables:
+        s = table.shape
+        shapes = [(3 * s.hidden if s.kv_heads == s.heads else s.hidden + 2 * s.kv_heads * (s.hidden // s.heads),
+                   s.hidden), (s.hidden, s.hidden)]
+        shapes += ([(2 * s.ffn, s.hidden), (s.hidden, s.ffn)] if s.arch == "gated" else
+                   [(s.ffn, s.hidden), (s.hidden, s.ffn)])
+        decode = [p for p in table.points if p.phase == "decode"]
+        if not decode or not table.has(16, "decode"):
+            continue
+        ctx = min(p.seq for p in decode)
+        for mb in sorted({p.micro_batch for p in decode} & set(batches)):
+            base = table.interpolate(16, "decode", mb, ctx)
+            row = {"shape": f"{s.arch} h{s.hidden} ffn{s.ffn}", "micro_batch": mb, "context": ctx,
+                   "fp16_ms": round(base * 1e3, 4)}
+            for bits in (8, 4, 3):
+                if table.has(bits, "decode"):
+                    bound = (sum(matrix_bytes(o, i, 16, 128) for o, i in shapes)
+                             / sum(matrix_bytes(o, i, bits, 128) for o, i in shapes))
+                    row[f"int{bits}_speedup"] = round(base / table.interpolate(bits, "decode", mb, ctx), 3)
+                    row[f"int{bits}_bound"] = round(bound, 3)
+            rows.append(row)
+    return rows
+
+
+def summary(profile: Profile) -> str:
+    lines = [f"{profile.device_name} ({profile.device_type}), torch {profile.torch}",
+             "decode step of one layer, speed-up over 16-bit (memory-bandwidth bound in brackets):"]
+    for r in decode_speedups(profile):
+        parts = [f"int{b} {r[f'int{b}_speedup']:.2f}x ({r[f'int{b}_bound']:.2f}x)" for b in (8, 4, 3)
+                 if f"int{b}_speedup" in r]
+        lines.append(f"  {r['shape']:<24} mb {r['micro_batch']:>3} ctx {r['context']}: fp16 {r['fp16_ms']:.3f} ms, "
+                     + ", ".join(parts))
+    if profile.transfer:
+        t = profile.transfer
+        lines.append(f"stage hand-off: {t.latency_s * 1e6:.0f} us + {t.bytes_per_s / 1e9:.2f} GB/s")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Running a plan: stage shards, KV caches, sampling and the micro-batch scheduler."""

@@ -1,0 +1,107 @@
+"""Sampling parameters of a request and turning a stage chain's logits into tokens."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+
+class SamplingParams(BaseModel):
+    """What a request asks of generation. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off."""
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """The request's own random stream, so its draws never depend on what else runs; None when greedy."""
+    if params.temperature == 0:
+        return None
+    # torch seeds are 64-bit; reducing keeps any user int valid while staying reproducible
+    seed = params.seed % 2**64 if params.seed is not None else secrets.randbits(64)
+    return torch.Generator().manual_seed(seed)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of `logits` [B, V]; row i follows params[i] and draws from generators[i] only."""
+    x = logits.float()
+    tokens: list[int] = x.argmax(-1).tolist()
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return tokens
+    # every op below works along a row, so a row's result does not depend on its batch mates
+    ps = [params[i] for i in rows]
+    dev = x.device
+    temp = torch.tensor([p.temperature for p in ps], device=dev)
+    top_k = torch.tensor([p.top_k or x.shape[-1] for p in ps], device=dev)
+    top_p = torch.tensor([p.top_p for p in ps], device=dev)
+    # stable sort so equal logits keep a fixed order and top-k cuts between ties deterministically
+    scaled, order = (x[rows] / temp[:, None]).sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(x.shape[-1], device=dev)
+    scaled = scaled.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = scaled.softmax(-1)
+    # keep a token while the mass before it is still short of top_p: the smallest set reaching top_p, never empty;
+    # top_p == 1 skips the cut so float rounding in cumsum cannot drop tail tokens
+    short = probs.cumsum(-1) - probs < top_p[:, None]
+    probs = probs.masked_fill(~(short | (top_p[:, None] >= 1)), 0.0)
+    # the generators live on the CPU, and multinomial needs its input on the generator's device
+    probs, order = probs.cpu(), order.cpu()
+    for j, i in enumerate(rows):
+        pick = torch.multinomial(probs[j], 1, generator=generators[i])
+        tokens[i] = int(order[j, pick])
+    return tokens
+
+
+class Detokenizer:
+    """Turns one request's generated tokens into released text, and decides when the request is finished."""
+
+    def __init__(self, tokenizer: Any, params: SamplingParams, eos_token_id: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.params = params
+        self.eos_token_id = eos_token_id
+        # an empty stop string would end every request before its first character
+        self.stops = [s for s in params.stop if s]
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._decoded = ""
+
+    def add(self, token_id: int) -> tuple[str, str | None]:
+        """Take the next generated token; return the text it releases and the finish reason, if it ends the request."""
+        self.token_ids.append(token_id)
+        p = self.params
+        if token_id in p.stop_token_ids or (token_id == self.eos_token_id and not p.ignore_eos):
+            return self._release(len(self._decoded)), "stop"
+        # byte-level BPE tokens need not end on character boundaries, so only the whole sequence decodes reliably
+        self._decoded = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        # released text never ends in a stop-string prefix, so a stop string can only start after it
+        hits = [i for i in (self._decoded.find(s, len(self.text)) for s in self.stops) if i >= 0]
+        if hits:
+            return self._release(min(hits)), "stop"
+        if len(self.token_ids) >= p.max_tokens:
+            return self._release(len(self._decoded)), "length"
+        # "\ufffd" marks a character whose remaining bytes are still to come
+        end = len(self._decoded.rstrip("\ufffd"))
+        return self._release(end - self._stop_prefix(end)), None
+
+    def _stop_prefix(self, end: int) -> int:
+        """Length of the longest unreleased tail of decoded[:end] that could still grow into a stop string."""
+        room = end - len(self.text)
+        for n in range(min(room, max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            tail = self._decoded[end - n:end]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def _release(self, end: int) -> str:
+        piece = self._decoded[len(self.text):end]
+        self.text += piece
+        return piece

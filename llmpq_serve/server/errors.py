@@ -1,0 +1,74 @@
+"""Every failure as OpenAI's error object: 4xx for what the client got wrong, 429 when the engine is full, 503 when
+the engine fails or is not there yet."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from llmpq_serve.server.protocol import ErrorBody, ErrorResponse
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, error_type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorResponse(error=ErrorBody(message=message, type=error_type, param=param, code=code))
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+def queue_full(retry_after: float) -> APIError:
+    # Retry-After is whole seconds; 0 would invite an immediate retry into the same full queue.
+    seconds = max(1, math.ceil(retry_after))
+    return APIError(429, f"the server is at capacity; retry after {seconds} s", error_type="rate_limit_error",
+                    code="queue_full", headers={"Retry-After": str(seconds)})
+
+
+def engine_failed(reason: str) -> APIError:
+    return APIError(503, f"the engine failed: {reason}", error_type="server_error", code="engine_error")
+
+
+def engine_not_ready() -> APIError:
+    return APIError(503, "the model is not loaded yet", error_type="server_error", code="engine_not_ready")
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 list of pydantic errors as one 400. `param` is the first offending top-level field: deeper parts
+    of pydantic's locations also name union members ("prompt.str"), which are no parameter of the API."""
+    assert isinstance(exc, RequestValidationError)
+    problems, fields = [], []
+    for error in exc.errors():
+        if error["type"] == "json_invalid":  # its location is a character offset, not a field
+            problems.append(f"the body is not valid JSON: {error['ctx']['error']} at character {error['loc'][-1]}")
+            continue
+        location = error["loc"][1:]  # it starts with "body"
+        fields.append(str(location[0]) if location else None)
+        path = ".".join(map(str, location)) or "body"
+        problems.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
+    message = "invalid request: " + "; ".join(problems)
+    return APIError(400, message, param=next(filter(None, fields), None)).response()
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    error_type = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+    return APIError(exc.status_code, str(exc.detail), error_type=error_type, headers=exc.headers).response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)

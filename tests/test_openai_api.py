@@ -1,0 +1,392 @@
+"""The OpenAI-compatible HTTP layer over a fake engine: routes, streaming, every error case, cancellation, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from pydantic import Field
+from starlette.requests import ClientDisconnect
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from llmpq_serve.runtime.sampling import SamplingParams
+from llmpq_serve.server import protocol
+from llmpq_serve.server.engine import GenerationEvent, QueueFullError
+from llmpq_serve.server.openai_app import build_app
+
+pytestmark = pytest.mark.anyio
+
+REPLY = " the quick brown fox jumps over the lazy dog"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+MODEL = "tiny-opt"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few strings, which puts BOS in front of what it encodes, as Llama's does."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([REPLY, "hello world", "user: system: assistant:", "<|user|><|assistant|>"] * 4, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+
+
+class FakeEngine:
+    """Answers every prompt with REPLY, one token per event; can refuse, fail or hang on request."""
+
+    model_name = MODEL
+    max_context = 64
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
+        self.tokenizer = tokenizer
+        self.reply = tokenizer.encode(REPLY, add_special_tokens=False)
+        self.ready = True
+        self.retry_after: float | None = None  # raise QueueFullError with it
+        self.fail_at: int | None = None  # raise before this event
+        self.hang_at: int | None = None  # wait forever before this event
+        self.requests: list[tuple[list[int], SamplingParams, str]] = []
+        self.cancelled: list[str] = []
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[GenerationEvent]:
+        self.requests.append((prompt_ids, params, request_id))
+        if self.retry_after is not None:
+            raise QueueFullError(self.retry_after)
+        finished = False
+        try:
+            for i in range(params.max_tokens):
+                if i == self.fail_at:
+                    raise RuntimeError("stage 2 lost its GPU")
+                if i == self.hang_at:
+                    await asyncio.Event().wait()
+                token = self.reply[i]
+                reason = "stop" if i + 1 == len(self.reply) else "length" if i + 1 == params.max_tokens else None
+                finished = reason is not None
+                yield GenerationEvent(text=self.tokenizer.decode([token]), token_ids=[token], finish_reason=reason,
+                                      prompt_tokens=len(prompt_ids), completion_tokens=i + 1)
+                if finished:
+                    return
+                await asyncio.sleep(0)
+        finally:
+            if not finished:
+                self.cancelled.append(request_id)
+
+    def plan(self) -> dict:
+        return {"stages": [{"device": "T4", "layers": [0, 12]}]}
+
+    def health(self) -> dict:
+        return {"ready": self.ready, "queue_depth": 3}
+
+
+@pytest.fixture
+def engine(tokenizer: PreTrainedTokenizerFast) -> FakeEngine:
+    return FakeEngine(tokenizer)
+
+
+@pytest.fixture
+async def client(engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(lambda: engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        yield http
+
+
+def reply_text(engine: FakeEngine, tokens: int) -> str:
+    return engine.tokenizer.decode(engine.reply[:tokens])
+
+
+def sse_payloads(body: str) -> list[Any]:
+    """The payload of each `data:` event; [DONE] as the string "[DONE]"."""
+    events = body.split("\n\n")
+    assert events[-1] == ""
+    assert all(event.startswith("data: ") for event in events[:-1])
+    return [event[6:] if event == "data: [DONE]" else json.loads(event[6:]) for event in events[:-1]]
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == ("server_error" if status >= 500 else
+                             "rate_limit_error" if status == 429 else "invalid_request_error")
+    assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error["message"]
+
+
+async def test_completion(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    request = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0, "stop": "fox", "seed": 7,
+               "frequency_penalty": 0.5}  # which this server ignores, as it ignores all fields it does not know
+    response = await client.post("/v1/completions", json=request)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["choices"] == [{"index": 0, "text": reply_text(engine, 4), "logprobs": None, "finish_reason": "length"}]
+    prompt_ids, params, request_id = engine.requests[0]
+    assert prompt_ids == engine.tokenizer.encode("hello") and prompt_ids[0] == engine.tokenizer.bos_token_id
+    assert (params.max_tokens, params.temperature, params.stop, params.seed) == (4, 0.0, ["fox"], 7)
+    assert request_id == body["id"]
+    assert body["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 4,
+                             "total_tokens": len(prompt_ids) + 4}
+
+
+async def test_completion_defaults_and_token_prompts(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    response = await client.post("/v1/completions", json={"prompt": [5, 6, 7]})
+    assert response.json()["choices"][0]["finish_reason"] == "stop"
+    prompt_ids, params, _ = engine.requests[0]
+    assert prompt_ids == [5, 6, 7]
+    assert params == SamplingParams(max_tokens=16)
+    await client.post("/v1/completions", json={"prompt": [[8, 9]], "max_tokens": None})
+    await client.post("/v1/completions", json={"prompt": ["hello"]})
+    assert engine.requests[1][0] == [8, 9] and engine.requests[1][1].max_tokens == engine.max_context - 2
+    assert engine.requests[2][0] == engine.tokenizer.encode("hello")
+
+
+async def test_streamed_completion_matches_the_plain_one(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    request = {"prompt": "hello", "max_tokens": 6}
+    plain = (await client.post("/v1/completions", json=request)).json()
+    response = await client.post("/v1/completions", json=request | {"stream": True,
+                                                                     "stream_options": {"include_usage": True}})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    *chunks, usage, done = sse_payloads(response.text)
+    assert done == "[DONE]"
+    assert all(chunk["id"].startswith("cmpl-") and chunk["object"] == "text_completion" for chunk in chunks)
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == plain["choices"][0]["text"]
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks] == [None] * 5 + ["length"]
+    assert usage["choices"] == [] and usage["usage"] == plain["usage"]
+
+
+async def test_chat_with_the_tokenizers_template(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    engine.tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello", "name": "ann"}]
+    response = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages,
+                                                               "max_completion_tokens": 3, "max_tokens": 50})
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": reply_text(engine, 3)},
+                                "logprobs": None, "finish_reason": "length"}]
+    prompt_ids, params, _ = engine.requests[0]
+    assert engine.tokenizer.decode(prompt_ids) == "<s><|system|>be brief\n<|user|>hello\n<|assistant|>"
+    assert prompt_ids.count(engine.tokenizer.bos_token_id) == 1
+    assert params.max_tokens == 3 and body["usage"]["prompt_tokens"] == len(prompt_ids)
+
+
+async def test_chat_without_a_template_and_streamed(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    request = {"messages": [{"role": "user", "content": "hello"}], "stream": True}
+    response = await client.post("/v1/chat/completions", json=request)
+    opening, *chunks, done = sse_payloads(response.text)
+    assert engine.tokenizer.decode(engine.requests[0][0], skip_special_tokens=True) == "user: hello\nassistant:"
+    assert engine.requests[0][1].max_tokens == engine.max_context - len(engine.requests[0][0])
+    assert opening["object"] == "chat.completion.chunk" and opening["id"].startswith("chatcmpl-")
+    assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(chunk["choices"][0]["delta"]["content"] for chunk in chunks) == REPLY
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"] is None
+    assert done == "[DONE]"
+
+
+async def test_models_plan_and_health(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["object"], m["max_model_len"]) for m in models["data"]] == [(MODEL, "model", 64)]
+    assert (await client.get("/v1/plan")).json() == engine.plan()
+    assert (await client.get("/healthz")).status_code == 200
+    engine.ready = False
+    assert (await client.get("/healthz")).status_code == 503
+
+
+async def test_before_the_engine_exists() -> None:
+    app = build_app(lambda: None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        assert (await http.get("/healthz")).status_code == 503
+        assert_error(await http.post("/v1/completions", json={"prompt": "hi"}), 503, "engine_not_ready")
+        assert_error(await http.get("/v1/models"), 503, "engine_not_ready")
+        assert "llmpq_queue_depth" not in (await http.get("/metrics")).text
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code", "param"), [
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model_not_found", "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model_not_found",
+     "model"),
+    ("/v1/completions", {}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": 5}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stream": "sometimes"}, 400, None, "stream"),
+    ("/v1/completions", {"prompt": ""}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": [[1], [2]]}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": [5, 100000]}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": [-1]}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, 400, None, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -0.1}, 400, None, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, None, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, None, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
+    ("/v1/chat/completions", {"messages": []}, 400, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, None,
+     "max_tokens"),
+])
+async def test_invalid_requests(client: httpx.AsyncClient, engine: FakeEngine, path: str, body: dict, status: int,
+                                code: str | None, param: str) -> None:
+    assert_error(await client.post(path, json=body), status, code, param)
+    if "stream" not in body:
+        assert_error(await client.post(path, json=body | {"stream": True}), status, code, param)
+    assert engine.requests == []
+
+
+async def test_malformed_json_and_unknown_routes(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/completions", content=b'{"prompt": "hi",', headers={
+        "content-type": "application/json"})
+    assert "not valid JSON" in assert_error(response, 400)
+    assert response.json()["error"]["param"] is None
+    assert_error(await client.post("/v1/completions", content=b"[1, 2]",
+                                   headers={"content-type": "application/json"}), 400)
+    assert_error(await client.get("/v1/nothing"), 404)
+    assert_error(await client.get("/v1/completions"), 405)
+
+
+async def test_chat_template_rejecting_the_messages(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    engine.tokenizer.chat_template = "{{ raise_exception('conversation roles must alternate') }}"
+    response = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert "must alternate" in assert_error(response, 400, param="messages")
+
+
+async def test_limits_of_the_runtime_beyond_openais(client: httpx.AsyncClient, engine: FakeEngine,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    class Narrower(SamplingParams):
+        top_k: int = Field(0, ge=0, le=50)
+
+    monkeypatch.setattr(protocol, "SamplingParams", Narrower)
+    assert_error(await client.post("/v1/completions", json={"prompt": "hi", "top_k": 100}), 400, param="top_k")
+    assert engine.requests == []
+
+
+async def test_requests_longer_than_the_context(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    message = assert_error(await client.post("/v1/completions", json={"prompt": list(range(64))}), 400,
+                           param="prompt")
+    assert "64" in message
+    message = assert_error(await client.post("/v1/completions", json={"prompt": list(range(60)), "max_tokens": 5}),
+                           400, param="max_tokens")
+    assert "64" in message and "65" in message
+    chat = {"messages": [{"role": "user", "content": "hello " * 100}], "max_completion_tokens": 1}
+    assert_error(await client.post("/v1/chat/completions", json=chat), 400, param="messages")
+    ok = await client.post("/v1/completions", json={"prompt": list(range(60)), "max_tokens": 4})
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(("retry_after", "header"), [(0.2, "1"), (2.5, "3")])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_queue_full(client: httpx.AsyncClient, engine: FakeEngine, retry_after: float, header: str,
+                          stream: bool) -> None:
+    engine.retry_after = retry_after
+    response = await client.post("/v1/completions", json={"prompt": "hi", "stream": stream})
+    assert_error(response, 429, "queue_full")
+    assert response.headers["retry-after"] == header
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_engine_failure_before_any_token(client: httpx.AsyncClient, engine: FakeEngine, stream: bool) -> None:
+    engine.fail_at = 0
+    response = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                "stream": stream})
+    assert "stage 2" not in assert_error(response, 503, "engine_error")
+
+
+async def test_engine_failure_mid_stream_ends_the_stream(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    engine.fail_at = 3
+    response = await client.post("/v1/completions", json={"prompt": "hi", "stream": True})
+    assert response.status_code == 200
+    *chunks, error, done = sse_payloads(response.text)
+    assert "".join(chunk["choices"][0]["text"] for chunk in chunks) == reply_text(engine, 3)
+    assert error["error"]["type"] == "server_error" and error["error"]["code"] == "engine_error"
+    assert done == "[DONE]"
+    plain = await client.post("/v1/completions", json={"prompt": "hi"})
+    assert_error(plain, 503, "engine_error")
+
+
+def asgi_request(path: str, body: dict, spec_version: str) -> tuple[dict, bytes]:
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"host", b"test"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("test", 80)}
+    return scope, json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
+async def test_client_disconnect_cancels_the_request(engine: FakeEngine, spec_version: str) -> None:
+    """ASGI 2.0 servers announce the disconnect (Starlette then cancels the response while the engine is working);
+    2.4 ones, like uvicorn, make `send` fail (the body iterator is then left suspended between events)."""
+    engine.hang_at = 3 if spec_version == "2.0" else None
+    app = build_app(lambda: engine)
+    scope, body = asgi_request("/v1/completions", {"prompt": "hi", "max_tokens": 8, "stream": True}, spec_version)
+    received: list[bytes] = []
+    gone = anyio.Event()
+
+    async def receive() -> dict:
+        if not received:
+            received.append(body)
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if gone.is_set():
+            raise OSError("connection reset")
+        if message["type"] == "http.response.body" and message["body"]:
+            received.append(message["body"])
+            if len(received) > 2:
+                gone.set()
+
+    with anyio.fail_after(5):
+        if spec_version == "2.4":
+            with pytest.raises(ClientDisconnect):  # which the server expects to hear of it
+                await app(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+    request_id = engine.requests[0][2]
+    assert engine.cancelled == [request_id]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        metrics = (await http.get("/metrics")).text
+    assert "llmpq_requests_cancelled_total 1.0" in metrics
+    assert "llmpq_requests_running 0.0" in metrics
+
+
+async def test_metrics(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+    await client.post("/v1/completions", json={"prompt": "hi", "stream": True})
+    await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 0})
+    engine.retry_after = 1
+    await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    lines = set(response.text.splitlines())
+    assert {'llmpq_requests_total{endpoint="/v1/completions",status="200"} 2.0',
+            'llmpq_requests_total{endpoint="/v1/completions",status="400"} 1.0',
+            'llmpq_requests_total{endpoint="/v1/chat/completions",status="429"} 1.0',
+            "llmpq_time_to_first_token_seconds_count 2.0",
+            "llmpq_time_per_output_token_seconds_count 2.0",
+            "llmpq_requests_running 0.0",
+            "llmpq_requests_cancelled_total 0.0",
+            "llmpq_engine_errors_total 0.0",
+            "llmpq_queue_depth 3.0"} <= lines
+    assert not any("/metrics" in line for line in lines)
