@@ -22,3 +22,23 @@ def three_dev() -> ClusterSpec:
     return ClusterSpec.from_dict({"name": "three", "nodes": [
         {"name": "a", "devices": [{"type": "T4", "count": 2}]},
         {"name": "b", "devices": [{"type": "V100-SXM2-32GB", "count": 1}]}]})
+
+
+QUICK_DEMO = {"steps": 12, "train_chars": 200_000, "layers": 3}
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """A 3-layer demo model of each architecture, briefly trained, saved with its tokenizer: a real checkpoint to
+    load by path. Built once per session."""
+    from llmpq_serve import demo_model
+
+    root = tmp_path_factory.mktemp("demo")
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = demo_model.build(arch, out_dir=root / arch, **QUICK_DEMO)
+        return built[arch]
+
+    return get

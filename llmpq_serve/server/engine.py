@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmpq_serve.runtime.sampling import SamplingParams
+from llmpq_serve.runtime.scheduler import GenerationEvent, QueueFullError
 
-
-@dataclass
-class GenerationEvent:
-    text: str  # text newly released to the client (may be "")
-    token_ids: list[int]  # token ids generated in this step
-    finish_reason: str | None  # "stop" | "length" | None (None = more to come)
-    prompt_tokens: int
-    completion_tokens: int  # total generated so far
-
-
-class QueueFullError(Exception):
-    """The engine admits no more requests for now; the client may retry after `retry_after` seconds."""
-
-    def __init__(self, retry_after: float, message: str = "the request queue is full") -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+__all__ = ["Engine", "GenerationEvent", "QueueFullError"]
 
 
 class Engine(Protocol):

@@ -1,0 +1,35 @@
+"""A pipeline stage as a Ray Serve deployment: pinned to its planned GPU type, it loads and quantizes only its own
+layers and holds their KV cache."""
+
+from __future__ import annotations
+
+import ray
+import torch
+from ray import serve
+
+from llmpq_serve.runtime.local import StageRunner
+from llmpq_serve.runtime.scheduler import RowsSpec
+from llmpq_serve.runtime.shard import QuantOptions, StageSpec
+
+
+@serve.deployment(num_replicas=1, max_ongoing_requests=4)
+class StageDeployment:
+    def __init__(self, path: str, stage: StageSpec, slots: int, max_seq: int, quant: QuantOptions,
+                 cpu_threads: int | None = None):
+        # a logical GPU (tests, the CPU demo) shows no CUDA device: the stage then runs on the CPU, where stages
+        # sharing a machine should split its cores rather than each spin up a thread per core
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.runner = StageRunner(path, stage, slots, max_seq, device, quant)
+
+    def forward(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
+        return self.runner.run(rows, x)
+
+    def placement(self) -> dict:
+        """Where this replica runs: its node and that node's accelerator type."""
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        types = [k.split(":", 1)[1] for k in node["Resources"] if k.startswith("accelerator_type:")]
+        return {"node_id": node_id, "accelerator_types": types, "device": str(self.runner.shard.device),
+                "weight_bytes": self.runner.shard.weight_bytes(), "kv_cache_bytes": self.runner.cache.nbytes()}

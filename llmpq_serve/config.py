@@ -1,0 +1,58 @@
+"""The serve configuration (the `args:` of a Serve config file), validated with pydantic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llmpq_serve.spec import Workload
+
+DEMO_MODELS = {"demo-llama": "llama", "demo-opt": "opt"}
+
+
+class FixedStage(BaseModel):
+    """A stage given by hand instead of planned."""
+
+    accelerator_type: str
+    layers: tuple[int, int]
+    bits: list[int] | None = None  # default: 16 for every layer
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="checkpoint directory, or demo-llama / demo-opt (trained on first use)")
+    cluster: str = Field("ray", description="'ray' (the live cluster's GPUs) or a cluster YAML")
+    quality: Literal["fp16", "int8", "awq4", "awq3"] | None = Field(
+        "awq4", description="no worse than the whole model at this format (the planner's quality budget)")
+    theta: float | None = Field(None, ge=0, description="weight of quality against latency (instead of quality)")
+    method: str = "llmpq"
+    workload: Workload = Field(default_factory=lambda: Workload(batch_size=16, prompt_len=64, gen_len=64))
+    max_context: int = Field(512, gt=0, description="prompt + max_tokens of one request")
+    max_queue: int = Field(256, gt=0, description="waiting requests beyond which the router answers 429")
+    plan_time_limit: float = Field(10.0, gt=0)
+    quant_method: Literal["awq", "rtn"] = "awq"
+    group_size: int = Field(128, gt=0)
+    stages: list[FixedStage] | None = Field(None, description="fixed stages instead of a plan")
+    prefill_micro_batch: int | None = Field(None, gt=0, description="with fixed stages")
+    decode_micro_batch: int | None = Field(None, gt=0, description="with fixed stages")
+
+    @model_validator(mode="after")
+    def _fixed_stages_are_complete(self) -> ServeConfig:
+        if self.stages is not None and (self.prefill_micro_batch is None or self.decode_micro_batch is None):
+            raise ValueError("fixed stages need prefill_micro_batch and decode_micro_batch too")
+        return self
+
+    def checkpoint(self) -> Path:
+        """The model's directory; the demo models are trained here on first use."""
+        if self.model in DEMO_MODELS:
+            from llmpq_serve import demo_model
+
+            return demo_model.build(DEMO_MODELS[self.model])
+        path = Path(self.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {self.model!r}: no config.json there; give a checkpoint directory or one of "
+                             f"{', '.join(DEMO_MODELS)}")
+        return path

@@ -1,0 +1,69 @@
+"""The whole pipeline in one process: every stage shard in memory, the same scheduler. The reference the Ray
+transport must match, and what fast tests use."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmpq_serve.runtime.engine import PipelineEngine
+from llmpq_serve.runtime.layers import Rows
+from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler
+from llmpq_serve.runtime.shard import QuantOptions, StageShard, StageSpec
+
+
+def stage_specs(plan) -> list[StageSpec]:
+    """The StageSpecs of a planner Plan, in pipeline order."""
+    n = len(plan.stages)
+    return [StageSpec(s.layers[0], s.layers[1], tuple(s.bits), i == 0, i == n - 1) for i, s in enumerate(plan.stages)]
+
+
+def even_stages(layers: int, stages: int, bits: int = 16) -> list[StageSpec]:
+    """`stages` stages of (nearly) equal layer counts, all at `bits`."""
+    bounds = [round(i * layers / stages) for i in range(stages + 1)]
+    return [StageSpec(a, b, (bits,) * (b - a), i == 0, i == stages - 1)
+            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+class StageRunner:
+    """A stage shard and its KV cache: what a stage deployment holds, too."""
+
+    def __init__(self, path: str | Path, stage: StageSpec, slots: int, max_seq: int, device: str = "cpu",
+                 quant: QuantOptions | None = None):
+        self.shard = StageShard(path, stage, device, quant)
+        self.cache = self.shard.new_cache(slots, max_seq)
+
+    def run(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
+        out = self.shard(x, Rows(rows.slots, rows.starts, rows.counts), self.cache)
+        return out if out.device.type == "cpu" else out.cpu()
+
+
+class LocalChain:
+    """Stages in this process; each call runs in a worker thread (torch releases the GIL inside its kernels), so
+    different stages overlap as they would on different devices."""
+
+    def __init__(self, runners: list[StageRunner]):
+        self.runners = runners
+        self.stages = len(runners)
+
+    async def run(self, index: int, rows: RowsSpec, x: Any) -> Any:
+        return await asyncio.to_thread(self.runners[index].run, rows, x)
+
+
+def local_engine(path: str | Path, stages: list[StageSpec], prefill_micro_batch: int, decode_micro_batch: int,
+                 max_batch: int, max_seq: int, device: str = "cpu", quant: QuantOptions | None = None,
+                 max_queue: int = 256, plan: dict | None = None) -> PipelineEngine:
+    from transformers import AutoTokenizer
+
+    groups = math.ceil(max_batch / decode_micro_batch)
+    slots = groups * decode_micro_batch
+    runners = [StageRunner(path, s, slots, max_seq, device, quant) for s in stages]
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scheduler = Scheduler(LocalChain(runners), tokenizer, prefill_micro_batch, decode_micro_batch, groups, max_seq,
+                          max_queue=max_queue, pad_id=pad)
+    return PipelineEngine(scheduler, tokenizer, Path(path).name, lambda: plan or {})

@@ -1,0 +1,227 @@
+"""Phase-aware micro-batch scheduling over a chain of stages, written once for every transport.
+
+Prefill micro-batches (up to `prefill_micro_batch` new requests) and decode micro-batches (one per slot group of
+`decode_micro_batch` requests) travel the chain stage by stage. Each stage runs one micro-batch at a time (a FIFO
+lock per stage), and many micro-batches are on their way at once, so while stage k runs one micro-batch stage k+1
+runs the one before it: the pipe stays full. Batching is continuous: a request joins its group's next decode step
+as soon as its prefill is done, and leaves at the step it finishes; nobody waits for a whole batch."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from llmpq_serve.runtime.kvcache import SlotPool
+from llmpq_serve.runtime.sampling import Detokenizer, SamplingParams, make_generator, sample
+
+
+@dataclass(frozen=True)
+class RowsSpec:
+    """A micro-batch's rows as plain lists (what crosses to a stage): cache slot, first position, new tokens."""
+
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+
+
+class StageChain(Protocol):
+    """The transport: runs micro-batch `rows` with input `x` on stage `index` and returns its output (hidden
+    states, or on the last stage the logits [B, vocab] of each row's last token)."""
+
+    stages: int
+
+    async def run(self, index: int, rows: RowsSpec, x: Any) -> Any: ...
+
+
+class QueueFullError(Exception):
+    """The engine admits no more requests for now; the client may retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float, message: str = "the request queue is full") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class GenerationEvent:
+    text: str  # text newly released to the client (may be "")
+    token_ids: list[int]  # token ids generated in this step
+    finish_reason: str | None  # "stop" | "length" | None (None = more to come)
+    prompt_tokens: int
+    completion_tokens: int  # total generated so far
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    detok: Detokenizer
+    generator: torch.Generator | None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    slot: int = -1
+    length: int = 0  # tokens in the KV cache
+    done: bool = False
+    cancelled: bool = False
+
+    @property
+    def last_token(self) -> int:
+        return self.detok.token_ids[-1]
+
+
+class Scheduler:
+    def __init__(self, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
+                 groups: int, max_seq: int, max_queue: int = 256, pad_id: int = 0):
+        self.chain, self.tokenizer = chain, tokenizer
+        self.prefill_mb, self.decode_mb = prefill_micro_batch, decode_micro_batch
+        self.max_seq, self.max_queue, self.pad_id = max_seq, max_queue, pad_id
+        self.pool = SlotPool(groups, decode_micro_batch)
+        self.waiting: deque[Request] = deque()
+        self.decoding: list[dict[str, Request]] = [{} for _ in range(groups)]
+        self.locks = [asyncio.Lock() for _ in range(chain.stages)]
+        self.stage_busy_s = [0.0] * chain.stages
+        self._wake = asyncio.Event()
+        self._group_wake = [asyncio.Event() for _ in range(groups)]
+        self._tasks: list[asyncio.Task] = []
+        self._ids = itertools.count()
+        self.step_hooks: list[Callable[[str, RowsSpec], None]] = []  # observers (tests, metrics)
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._admit_loop())]
+            self._tasks += [asyncio.create_task(self._decode_loop(g)) for g in range(self.pool.groups)]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    @property
+    def running(self) -> int:
+        return sum(len(g) for g in self.decoding)
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) + params.max_tokens > self.max_seq:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context of {self.max_seq} tokens")
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFullError(retry_after=1.0)
+        self.start()
+        req = Request(request_id or f"req-{next(self._ids)}", list(prompt), params,
+                      Detokenizer(self.tokenizer, params, self.tokenizer.eos_token_id), make_generator(params))
+        self.waiting.append(req)
+        self._wake.set()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Frees the request's slot at the next micro-batch boundary (at once if it never got one)."""
+        if req.done:
+            return
+        req.cancelled = True
+        if req in self.waiting:
+            self.waiting.remove(req)
+            req.done = True
+
+    def _finish(self, req: Request) -> None:
+        req.done = True
+        if req.slot >= 0:
+            self.decoding[self.pool.group_of(req.slot)].pop(req.id, None)
+            self.pool.release(req.id)
+            req.slot = -1
+        self._wake.set()
+
+    def _fail(self, reqs: list[Request], error: BaseException) -> None:
+        for req in reqs:
+            if not req.done:
+                req.events.put_nowait(error)
+                self._finish(req)
+
+    # ---- the chain ------------------------------------------------------------------------------------------------
+    async def _through(self, rows: RowsSpec, x: Any) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        for k in range(self.chain.stages):
+            async with self.locks[k]:
+                start = loop.time()
+                x = await self.chain.run(k, rows, x)
+                self.stage_busy_s[k] += loop.time() - start
+        return x
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for req, tok in zip(reqs, tokens):
+            if req.cancelled:
+                self._finish(req)
+                continue
+            text, finish = req.detok.add(tok)
+            req.events.put_nowait(GenerationEvent(text, [tok], finish, len(req.prompt), len(req.detok.token_ids)))
+            if finish is not None:
+                self._finish(req)
+
+    # ---- prefill --------------------------------------------------------------------------------------------------
+    async def _admit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.waiting and self.pool.free:
+                batch = []
+                while self.waiting and self.pool.free and len(batch) < self.prefill_mb:
+                    req = self.waiting.popleft()
+                    req.slot = self.pool.allocate(req.id)
+                    batch.append(req)
+                asyncio.create_task(self._prefill(batch))
+
+    async def _prefill(self, batch: list[Request]) -> None:
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, :len(r.prompt)] = torch.tensor(r.prompt)
+        rows = RowsSpec([r.slot for r in batch], [0] * len(batch), [len(r.prompt) for r in batch])
+        for hook in self.step_hooks:
+            hook("prefill", rows)
+        try:
+            logits = await self._through(rows, ids)
+        except Exception as e:  # a stage failed: these requests end with the error, the others go on
+            self._fail(batch, e)
+            return
+        for r in batch:
+            r.length = len(r.prompt)
+        self._emit(batch, logits)
+        for r in batch:
+            if not r.done:
+                g = self.pool.group_of(r.slot)
+                self.decoding[g][r.id] = r
+                self._group_wake[g].set()
+
+    # ---- decode ---------------------------------------------------------------------------------------------------
+    async def _decode_loop(self, group: int) -> None:
+        members = self.decoding[group]
+        while True:
+            for r in [r for r in members.values() if r.cancelled]:
+                self._finish(r)
+            if not members:
+                self._group_wake[group].clear()
+                await self._group_wake[group].wait()
+                continue
+            step = sorted(members.values(), key=lambda r: r.slot)
+            rows = RowsSpec([r.slot for r in step], [r.length for r in step], [1] * len(step))
+            for hook in self.step_hooks:
+                hook("decode", rows)
+            x = torch.tensor([[r.last_token] for r in step], dtype=torch.long)
+            try:
+                logits = await self._through(rows, x)
+            except Exception as e:
+                self._fail(step, e)
+                continue
+            for r in step:
+                r.length += 1
+            self._emit(step, logits)
