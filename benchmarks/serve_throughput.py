@@ -1,0 +1,214 @@
+"""Serving throughput: the Ray pipeline over HTTP (continuous batching) against plain HF `generate` in one process,
+batched statically, on the same model, prompts and machine, in one run.
+
+    python benchmarks/serve_throughput.py --json                 # starts the 2-stage demo app itself
+    python benchmarks/serve_throughput.py --url http://host:8000 --json
+
+Closed loop: `--concurrency` clients each send their next request when the last one finished. Prompts are windows
+of held-out standard-library source of varied length; output lengths vary too (temperature 0, no early stop, so
+both sides produce exactly the asked tokens). Prints output tokens/s of both, their ratio, time to first token and
+time per output token (p50/p99) of the pipeline, and the number of failed requests."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def workload(tokenizer, requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt ids, max_tokens) per request: prompts of 16-96 tokens, outputs of 16-64."""
+    from llmpq_serve.demo_model import held_out_tokens
+
+    data = held_out_tokens(tokenizer, max_chars=200_000).tolist()
+    rng = random.Random(seed)
+    out = []
+    for _ in range(requests):
+        n = rng.randint(16, 96)
+        start = rng.randrange(0, len(data) - n)
+        out.append((data[start:start + n], rng.randint(16, 64)))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+
+async def one_request(http: httpx.AsyncClient, url: str, body: dict, stream: bool) -> tuple[int, float, float]:
+    """(completion tokens, time of the first token, time of the last); tokens -1 on an error answer."""
+    if not stream:
+        r = await http.post(f"{url}/v1/completions", json=body)
+        now = time.perf_counter()
+        return (r.json()["usage"]["completion_tokens"] if r.status_code == 200 else -1), now, now
+    first = last = 0.0
+    got = -1
+    async with http.stream("POST", f"{url}/v1/completions", json={
+            **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return -1, 0.0, 0.0
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                got = chunk["usage"]["completion_tokens"]
+            elif chunk.get("choices"):
+                last = time.perf_counter()
+                first = first or last
+    return got, first, last
+
+
+async def pipeline_run(url: str, model: str, reqs: list[tuple[list[int], int]], concurrency: int,
+                       stream: bool = True) -> dict:
+    queue = list(reqs)
+    ttft, tpot, tokens, errors = [], [], 0, 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens, errors
+        while queue:
+            prompt, max_tokens = queue.pop(0)
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            start = time.perf_counter()
+            try:
+                got, first, last = await one_request(http, url, body, stream)
+            except httpx.HTTPError:
+                got = -1
+            if got != max_tokens:
+                errors += 1
+                continue
+            tokens += got
+            ttft.append(first - start)
+            if got > 1 and stream:
+                tpot.append((last - first) / (got - 1))
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=300) as http:
+        await asyncio.gather(*[client(http) for _ in range(concurrency)])
+    wall = time.perf_counter() - start
+    return {"tokens": tokens, "wall_s": wall, "ttft": ttft, "tpot": tpot, "errors": errors}
+
+
+@torch.inference_mode()
+def baseline_run(path: Path, reqs: list[tuple[list[int], int]], batch: int) -> dict:
+    """HF generate, static batches of `batch` requests in arrival order, left-padded; a batch runs until its
+    longest request is done (that is what static batching costs)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    pad = model.config.pad_token_id or 0
+    tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        group = reqs[i:i + batch]
+        width = max(len(p) for p, _ in group)
+        ids = torch.full((len(group), width), pad)
+        mask = torch.zeros_like(ids)
+        for j, (p, _) in enumerate(group):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        new = max(m for _, m in group)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       pad_token_id=pad)
+        tokens += sum(m for _, m in group)
+    return {"tokens": tokens, "wall_s": time.perf_counter() - start}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_demo(port: int, prefill_micro_batch: int, decode_micro_batch: int) -> subprocess.Popen:
+    """The demo app with a fixed even 2-stage split (the stages share this machine's CPU, so a split planned for
+    the simulated GPU types would not be balanced here)."""
+    config = yaml.safe_load((ROOT / "deployments" / "demo.yaml").read_text())
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args.update({"stages": [{"accelerator_type": "T4", "layers": [0, 4]}, {"accelerator_type": "V100",
+                                                                          "layers": [4, 8]}],
+                 "prefill_micro_batch": prefill_micro_batch, "decode_micro_batch": decode_micro_batch})
+    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    yaml.safe_dump(config, f)
+    f.close()
+    return subprocess.Popen([sys.executable, "-m", "deployments.simulated_cluster", f.name, "--gpus", "T4", "V100"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_ready(url: str, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url} did not become ready in {timeout:.0f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="a running app (default: start the demo app)")
+    parser.add_argument("--model", default="demo-llama")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prefill-micro-batch", type=int, default=4, help="of the started demo app")
+    parser.add_argument("--decode-micro-batch", type=int, default=8, help="of the started demo app")
+    parser.add_argument("--no-stream", action="store_true",
+                        help="non-streaming requests (no TTFT/TPOT): shows what per-token streaming costs")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from llmpq_serve.config import ServeConfig
+
+    path = ServeConfig(model=args.model).checkpoint()
+    reqs = workload(AutoTokenizer.from_pretrained(str(path)), args.requests)
+    server, url = None, args.url
+    if url is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_demo(port, args.prefill_micro_batch, args.decode_micro_batch)
+    try:
+        wait_ready(url)
+        asyncio.run(pipeline_run(url, args.model, reqs[:args.concurrency], args.concurrency))  # warm-up
+        pipe = asyncio.run(pipeline_run(url, args.model, reqs, args.concurrency, stream=not args.no_stream))
+    finally:
+        if server is not None:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=60)
+    base = baseline_run(path, reqs, args.concurrency)
+    doc = {"concurrency": args.concurrency, "requests": len(reqs),
+           "pipeline_tokens_per_s": round(pipe["tokens"] / pipe["wall_s"], 2),
+           "baseline_tokens_per_s": round(base["tokens"] / base["wall_s"], 2),
+           "ratio": round((pipe["tokens"] / pipe["wall_s"]) / (base["tokens"] / base["wall_s"]), 3),
+           "ttft_p50_s": round(statistics.median(pipe["ttft"]), 4) if pipe["ttft"] else None,
+           "ttft_p99_s": round(percentile(pipe["ttft"], 0.99), 4) if pipe["ttft"] else None,
+           "tpot_p50_s": round(statistics.median(pipe["tpot"]), 4) if pipe["tpot"] else None,
+           "tpot_p99_s": round(percentile(pipe["tpot"], 0.99), 4) if pipe["tpot"] else None,
+           "errors": pipe["errors"]}
+    print(json.dumps(doc) if args.json else json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
