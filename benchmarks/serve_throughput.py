@@ -146,9 +146,8 @@ def start_demo(port: int, prefill_micro_batch: int, decode_micro_batch: int) -> 
     args.update({"stages": [{"accelerator_type": "T4", "layers": [0, 4]}, {"accelerator_type": "V100",
                                                                           "layers": [4, 8]}],
                  "prefill_micro_batch": prefill_micro_batch, "decode_micro_batch": decode_micro_batch})
-    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    yaml.safe_dump(config, f)
-    f.close()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
     return subprocess.Popen([sys.executable, "-m", "deployments.simulated_cluster", f.name, "--gpus", "T4", "V100"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

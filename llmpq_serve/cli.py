@@ -94,7 +94,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     grid = None
     if args.quick:
         grid = profiler.Grid((1, 4), (16, 64), (1, 8), (16, 128))
-    result = profiler.run(args.model, device=args.device, device_type=args.type, grid=grid)
+    result = profiler.run(args.model, device=args.device, device_type=args.type, grid=grid, threads=args.threads)
     out = Path(args.out) if args.out else Path(args.profiles) / f"{result.device_type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--profiles", default=str(CostConfig().profiles_dir))
     pr.add_argument("--out", default=None, help="output file (default: <profiles>/<TYPE>.json)")
     pr.add_argument("--quick", action="store_true", help="a small grid, for a smoke test")
+    pr.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (a CPU stage sharing a machine with others runs with fewer than all cores)")
     pr.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("demo-model", help="train (or reuse) the demo models under $LLMPQ_CACHE")

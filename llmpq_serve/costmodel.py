@@ -109,13 +109,17 @@ class CostModel:
         return gpu.memory_gib * GiB * c.memory_fraction - c.runtime_overhead_mib * MiB
 
     # ---- latency -------------------------------------------------------------------------------------------------
-    def profile_table(self, gpu: GPUSpec) -> ShapeTable | None:
+    def profile(self, gpu: GPUSpec) -> Profile | None:
         if self.config.profiles_dir is None or gpu.ray_type is None:
             return None
         path = Path(self.config.profiles_dir) / f"{gpu.ray_type}.json"
         if not path.is_file():
             return None
-        return _load_profile(path, path.stat().st_mtime).table_for(self.model)
+        return _load_profile(path, path.stat().st_mtime)
+
+    def profile_table(self, gpu: GPUSpec) -> ShapeTable | None:
+        profile = self.profile(gpu)
+        return None if profile is None else profile.table_for(self.model)
 
     def latency_source(self, gpu: GPUSpec) -> str:
         return "profile" if self.profile_table(gpu) is not None else "roofline"
@@ -151,7 +155,12 @@ class CostModel:
         return moved / (gpu.mem_bw_gbs * 1e9 * self.kernels["bandwidth_eff"])
 
     def head_time(self, gpu: GPUSpec, micro_batch: int) -> float:
-        """Final norm + LM head for the last position of each sequence (prefill and decode alike)."""
+        """Final norm + LM head for the last position of each sequence (prefill and decode alike): measured when the
+        device's profile has this head, else the roofline."""
+        profile = self.profile(gpu)
+        measured = profile.head_time(self.model.hidden, self.model.vocab, micro_batch) if profile else None
+        if measured is not None:
+            return measured
         k = self.kernels
         flops = 2 * micro_batch * self.model.head_params
         compute_s = flops / (gpu.fp16_tflops * 1e12 * k["compute_eff"])

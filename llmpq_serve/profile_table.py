@@ -111,6 +111,16 @@ class Profile(BaseModel):
     heads: list[HeadPoint] = Field(default_factory=list)
     transfer: TransferFit | None = None
 
+    def head_time(self, hidden: int, vocab: int, micro_batch: float) -> float | None:
+        """Piecewise-linear in micro-batch over the measured points of this head shape; None if not measured."""
+        points = sorted((h.micro_batch, h.median_s) for h in self.heads if (h.hidden, h.vocab) == (hidden, vocab))
+        if not points:
+            return None
+        grid = [m for m, _ in points]
+        lo, hi, w = _bracket(grid, micro_batch)
+        values = dict(points)
+        return max(0.0, values[lo] * (1 - w) + values[hi] * w)
+
     def table_for(self, model: ModelSpec) -> ShapeTable | None:
         shape = LayerShape.of(model)
         return next((t for t in self.tables if t.shape == shape), None)

@@ -41,7 +41,7 @@ class Grid:
 
 
 GPU_GRID = Grid((1, 2, 4, 8), (128, 512, 1024, 2048), (1, 4, 16, 32, 64), (128, 512, 1024, 2048))
-CPU_GRID = Grid((1, 2, 4, 8), (16, 32, 64, 128), (1, 2, 4, 8, 16), (16, 64, 128, 256))
+CPU_GRID = Grid((1, 2, 4, 8), (16, 32, 64), (1, 2, 4, 8), (16, 32, 64, 128))
 
 
 def detect_device_type(device: torch.device) -> tuple[str, str]:
@@ -71,6 +71,8 @@ def measure(fn: Callable[[], object], device: torch.device, samples: int = 7,
     _sync(device)
     once = max(time.perf_counter() - start, 1e-7)
     inner = max(1, min(1000, int(sample_s / once)))
+    if once > 0.1:  # slow points (int4 prefill on a CPU core): fewer samples, their spread is small anyway
+        samples = min(samples, 3)
     times = []
     for _ in range(samples):
         start = time.perf_counter()
@@ -194,8 +196,10 @@ def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 409
 
 
 def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
-        bits: tuple[int, ...] = BITS) -> Profile:
+        bits: tuple[int, ...] = BITS, threads: int | None = None) -> Profile:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads:
+        torch.set_num_threads(threads)
     detected, name = detect_device_type(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     grid = grid or (GPU_GRID if dev.type == "cuda" else CPU_GRID)
@@ -214,8 +218,9 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
                    measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    method=(f"llmpq profile: one decoder layer with random weights of each shape, runtime forward "
                            f"(QuantLinear kernels, slot KV cache, SDPA) in {str(dtype).removeprefix('torch.')}; "
-                           f"per point the median of 7 samples, each sample >= 10 ms of back-to-back calls after "
-                           f"a warm-up; models: {', '.join(models)}"),
+                           f"per point the median of 7 samples (3 where one call takes > 0.1 s), each sample >= "
+                           f"10 ms of back-to-back calls after a warm-up; {torch.get_num_threads()} CPU threads; "
+                           f"models: {', '.join(models)}"),
                    tables=tables, heads=heads, transfer=profile_transfer(dev, dtype))
 
 

@@ -3,6 +3,7 @@ greedy output over HTTP equals HF generate for 1-3 stages and both architectures
 types, the Ray and local transports agree, the planner path deploys, and the API answers errors with 4xx."""
 
 import asyncio
+import itertools
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,7 +48,7 @@ def deploy(path, n_stages: int, **extra):
 
     bounds = [round(i * 3 / n_stages) for i in range(n_stages + 1)]
     args = {"model": str(path), "stages": [{"accelerator_type": TYPES[i], "layers": [a, b]}
-                                            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))],
+                                            for i, (a, b) in enumerate(itertools.pairwise(bounds))],
             "prefill_micro_batch": 2, "decode_micro_batch": 2, "max_context": 128,
             "workload": {"batch_size": 4, "prompt_len": 16, "gen_len": 16}, **extra}
     return serve.run(build_app(args), name="llmpq", route_prefix="/")

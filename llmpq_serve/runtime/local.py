@@ -4,6 +4,7 @@ transport must match, and what fast tests use."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ def even_stages(layers: int, stages: int, bits: int = 16) -> list[StageSpec]:
     """`stages` stages of (nearly) equal layer counts, all at `bits`."""
     bounds = [round(i * layers / stages) for i in range(stages + 1)]
     return [StageSpec(a, b, (bits,) * (b - a), i == 0, i == stages - 1)
-            for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+            for i, (a, b) in enumerate(itertools.pairwise(bounds))]
 
 
 class StageRunner:

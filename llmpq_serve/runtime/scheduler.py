@@ -190,7 +190,7 @@ class Scheduler:
             hook("prefill", rows)
         try:
             logits = await self._through(rows, ids)
-        except Exception as e:  # a stage failed: these requests end with the error, the others go on
+        except Exception as e:  # noqa: BLE001 - a stage failed: these requests end with the error, the others go on
             self._fail(batch, e)
             return
         for r in batch:
@@ -219,7 +219,7 @@ class Scheduler:
             x = torch.tensor([[r.last_token] for r in step], dtype=torch.long)
             try:
                 logits = await self._through(rows, x)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - as in _prefill
                 self._fail(step, e)
                 continue
             for r in step:

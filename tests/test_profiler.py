@@ -1,0 +1,47 @@
+"""The profiler measures the runtime's own layer forward and writes a profile the cost model reads back."""
+
+from llmpq_serve import profiler
+from llmpq_serve.costmodel import CostConfig, CostModel
+from llmpq_serve.profile_table import HeadPoint, LayerShape, Profile
+from llmpq_serve.spec import GPUSpec, ModelSpec
+
+TINY = ModelSpec(name="tiny", arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=300,
+                 max_pos=256, tie=False)
+GRID = profiler.Grid((1, 2), (8, 16), (1, 4), (8, 32))
+
+
+def test_profile_covers_the_grid_and_round_trips(tmp_path, monkeypatch):
+    monkeypatch.setattr(profiler.ModelSpec, "resolve", staticmethod(lambda name: TINY))
+    prof = profiler.run(["tiny"], device="cpu", grid=GRID, bits=(16, 4), threads=1)
+    assert prof.device_type == "CPU" and "median" in prof.method
+    (table,) = prof.tables
+    assert table.shape == LayerShape.of(TINY)
+    assert len(table.points) == 2 * (2 * 2 + 2 * 2)
+    assert all(p.p10_s <= p.median_s <= p.p90_s for p in table.points)
+    assert prof.transfer is not None and prof.transfer.bytes_per_s > 0
+    assert [h.micro_batch for h in prof.heads] == [1, 4]
+    prof.save(tmp_path / "CPU.json")
+    again = Profile.load(tmp_path / "CPU.json")
+    assert again == prof
+    # the cost model reads it back for the CPU device, exactly at the grid points
+    cost = CostModel(TINY, CostConfig(profiles_dir=tmp_path))
+    cpu = GPUSpec.from_catalog("CPU")
+    assert cost.latency_source(cpu) == "profile"
+    p = table.points[0]
+    assert cost.layer_time(cpu, p.bits, p.phase, p.micro_batch, p.seq) == p.median_s
+    assert cost.head_time(cpu, 4) == prof.heads[1].median_s
+    assert "decode step of one layer" in profiler.summary(prof)
+
+
+def test_head_time_is_piecewise_linear_in_micro_batch():
+    prof = Profile(device_type="X", device_name="x", torch="t", measured_at="now", tables=[],
+                   heads=[HeadPoint(hidden=8, vocab=16, micro_batch=1, median_s=1.0),
+                          HeadPoint(hidden=8, vocab=16, micro_batch=5, median_s=3.0)])
+    assert prof.head_time(8, 16, 3) == 2.0
+    assert prof.head_time(8, 32, 3) is None
+
+
+def test_device_type_uses_ray_names():
+    import torch
+
+    assert profiler.detect_device_type(torch.device("cpu"))[0] == "CPU"
