@@ -73,9 +73,7 @@ def measure(path: Path, stages: list, pmb: int, dmb: int, repeats: int) -> dict:
     data = held_out_tokens(AutoTokenizer.from_pretrained(str(path)), max_chars=50_000)
     p = WORKLOAD.prompt_len
     prompts = [data[i * p:(i + 1) * p].tolist() for i in range(WORKLOAD.batch_size)]
-    n = len(stages)
-    specs = [StageSpec(a, b, tuple(bits), i == 0, i == n - 1) for i, (a, b, bits) in enumerate(stages)]
-    engine = local_engine(path, specs, pmb, dmb, WORKLOAD.batch_size, WORKLOAD.max_len, quant=QuantOptions())
+    engine = local_engine(path, StageSpec.chain(stages), pmb, dmb, WORKLOAD.batch_size, WORKLOAD.max_len, quant=QuantOptions())
 
     async def run() -> tuple[list[float], list[float]]:
         await timed(engine, prompts, 2)  # warm-up

@@ -8,7 +8,6 @@ its GPU type -> the router.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -17,6 +16,7 @@ from ray.serve import Application
 from deployments.router import Router
 from deployments.stage import StageDeployment
 from llmpq_serve.config import ServeConfig
+from llmpq_serve.runtime.scheduler import slot_count
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec
 from llmpq_serve.spec import GPUSpec
 
@@ -26,10 +26,9 @@ logger = logging.getLogger("llmpq")
 def solve_plan(config: ServeConfig, path) -> tuple[list[tuple[str, StageSpec]], int, int, dict]:
     """((accelerator type, stage) per stage, prefill micro-batch, decode micro-batch, the plan as JSON)."""
     if config.stages is not None:
-        n = len(config.stages)
-        stages = [(s.accelerator_type, StageSpec(s.layers[0], s.layers[1],
-                                                 tuple(s.bits or [16] * (s.layers[1] - s.layers[0])), i == 0,
-                                                 i == n - 1)) for i, s in enumerate(config.stages)]
+        specs = StageSpec.chain([(s.layers[0], s.layers[1], s.bits or [16] * (s.layers[1] - s.layers[0]))
+                                 for s in config.stages])
+        stages = [(s.accelerator_type, spec) for s, spec in zip(config.stages, specs)]
         doc = {"fixed": [s.model_dump() for s in config.stages], "prefill_micro_batch": config.prefill_micro_batch,
                "decode_micro_batch": config.decode_micro_batch}
         return stages, config.prefill_micro_batch, config.decode_micro_batch, doc
@@ -59,7 +58,7 @@ def build_app(args: dict[str, Any]) -> Application:
     path = config.checkpoint()
     stages, prefill_mb, decode_mb, plan_doc = solve_plan(config, path)
     max_batch = config.workload.batch_size
-    slots = math.ceil(max_batch / decode_mb) * decode_mb
+    slots = slot_count(max_batch, decode_mb)
     quant = QuantOptions(config.quant_method, config.group_size)
     threads = max(1, (os.cpu_count() or 1) // len(stages))  # used only by stages that end up on a CPU
     handles = [StageDeployment.options(name=f"stage{i}", ray_actor_options={

@@ -3,7 +3,6 @@ deployments."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -34,11 +33,9 @@ class Router:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
-        groups = math.ceil(max_batch / decode_micro_batch)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.stages = stages
-        scheduler = Scheduler(RayChain(stages), tokenizer, prefill_micro_batch, decode_micro_batch, groups, max_seq,
-                              max_queue=max_queue, pad_id=pad)
+        scheduler = Scheduler.for_batch(RayChain(stages), tokenizer, prefill_micro_batch, decode_micro_batch,
+                                        max_batch, max_seq, max_queue)
         self.engine = PipelineEngine(scheduler, tokenizer, model_name, lambda: plan)
 
     def __serve_build_asgi_app__(self):

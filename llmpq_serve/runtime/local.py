@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,19 @@ import torch
 
 from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.layers import Rows
-from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler
+from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, slot_count
 from llmpq_serve.runtime.shard import QuantOptions, StageShard, StageSpec
 
 
 def stage_specs(plan) -> list[StageSpec]:
     """The StageSpecs of a planner Plan, in pipeline order."""
-    n = len(plan.stages)
-    return [StageSpec(s.layers[0], s.layers[1], tuple(s.bits), i == 0, i == n - 1) for i, s in enumerate(plan.stages)]
+    return StageSpec.chain([(s.layers[0], s.layers[1], s.bits) for s in plan.stages])
 
 
 def even_stages(layers: int, stages: int, bits: int = 16) -> list[StageSpec]:
     """`stages` stages of (nearly) equal layer counts, all at `bits`."""
     bounds = [round(i * layers / stages) for i in range(stages + 1)]
-    return [StageSpec(a, b, (bits,) * (b - a), i == 0, i == stages - 1)
-            for i, (a, b) in enumerate(itertools.pairwise(bounds))]
+    return StageSpec.chain([(a, b, (bits,) * (b - a)) for a, b in itertools.pairwise(bounds)])
 
 
 class StageRunner:
@@ -60,11 +57,9 @@ def local_engine(path: str | Path, stages: list[StageSpec], prefill_micro_batch:
                  max_queue: int = 256, plan: dict | None = None) -> PipelineEngine:
     from transformers import AutoTokenizer
 
-    groups = math.ceil(max_batch / decode_micro_batch)
-    slots = groups * decode_micro_batch
+    slots = slot_count(max_batch, decode_micro_batch)
     runners = [StageRunner(path, s, slots, max_seq, device, quant) for s in stages]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scheduler = Scheduler(LocalChain(runners), tokenizer, prefill_micro_batch, decode_micro_batch, groups, max_seq,
-                          max_queue=max_queue, pad_id=pad)
+    scheduler = Scheduler.for_batch(LocalChain(runners), tokenizer, prefill_micro_batch, decode_micro_batch,
+                                    max_batch, max_seq, max_queue)
     return PipelineEngine(scheduler, tokenizer, Path(path).name, lambda: plan or {})

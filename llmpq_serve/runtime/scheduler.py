@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,11 @@ class Request:
         return self.detok.token_ids[-1]
 
 
+def slot_count(max_batch: int, decode_micro_batch: int) -> int:
+    """KV-cache slots for `max_batch` concurrent requests: whole groups of one decode micro-batch each."""
+    return math.ceil(max_batch / decode_micro_batch) * decode_micro_batch
+
+
 class Scheduler:
     def __init__(self, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
                  groups: int, max_seq: int, max_queue: int = 256, pad_id: int = 0):
@@ -90,6 +96,14 @@ class Scheduler:
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count()
         self.step_hooks: list[Callable[[str, RowsSpec], None]] = []  # observers (tests, metrics)
+
+    @classmethod
+    def for_batch(cls, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
+                  max_batch: int, max_seq: int, max_queue: int) -> Scheduler:
+        """A scheduler with room for `max_batch` concurrent requests, padding with the tokenizer's pad token."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(chain, tokenizer, prefill_micro_batch, decode_micro_batch,
+                   slot_count(max_batch, decode_micro_batch) // decode_micro_batch, max_seq, max_queue, pad)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:

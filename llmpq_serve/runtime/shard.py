@@ -34,6 +34,12 @@ class StageSpec:
             raise ValueError(f"stage [{self.start}, {self.end}) needs {self.end - self.start} bit-widths, "
                              f"got {len(self.bits)}")
 
+    @classmethod
+    def chain(cls, stages: list[tuple[int, int, list[int] | tuple[int, ...]]]) -> list[StageSpec]:
+        """StageSpecs of consecutive (start, end, bits) stages, in pipeline order (first and last marked)."""
+        n = len(stages)
+        return [cls(a, b, tuple(bits), i == 0, i == n - 1) for i, (a, b, bits) in enumerate(stages)]
+
 
 @dataclass(frozen=True)
 class QuantOptions:
