@@ -70,35 +70,34 @@ class Indicator(BaseModel):
         return cls(source="analytic-default", omega=rows)
 
     @classmethod
-    def calibrated(cls, model, arch: str, calibration: dict, group_size: int = 128) -> Indicator:
-        """The LLM-PQ idea, measured: ω[l][b] is the expected output perturbation that quantizing layer l to b bits
-        causes, Σ over its linears of mean ||x·(W - Q_b(W))ᵀ||² on the layer's real calibration inputs x
-        (round-to-nearest Q_b: group-wise for 4 and 3 bits, per channel for 8). Layers whose inputs are large or
-        whose weights quantize badly cost more."""
-        import torch
+    def calibrated(cls, model, arch: str, calibration: dict, group_size: int = 128,
+                   method: str = "awq") -> Indicator:
+        """The LLM-PQ idea, measured: ω[l][b] is the output perturbation that quantizing layer l to b bits causes,
+        the mean squared change of the layer's output on its real calibration inputs, with the weights quantized
+        the way the runtime quantizes them (`method`'s search included: AWQ protects some layers much better than
+        others, and a ranking from round-to-nearest error misjudges those)."""
+        import copy
 
+        import torch
+        from tqdm import tqdm
+
+        from llmpq_serve.quant.apply import dequantized_weights
         from llmpq_serve.quant.calibration import decoder_layers
-        from llmpq_serve.quant.groupwise import fake_quantize, quantize_int8
-        from llmpq_serve.quant.layout import linear_names
 
         rows = []
+        layers = decoder_layers(model, arch)
         with torch.no_grad():
-            for i, layer in enumerate(decoder_layers(model, arch)):
+            for i, layer in enumerate(tqdm(layers, desc="quality indicator", unit="layer", disable=len(layers) < 2)):
+                calib = calibration[i]
+                reference = calib.block_output(layer)
                 row = {16: 0.0}
                 for bits in (8, 4, 3):
-                    total = 0.0
-                    for name in linear_names(arch):
-                        w = layer.get_submodule(name).weight.detach().float()
-                        if bits == 8:
-                            q, scale = quantize_int8(w)
-                            w_hat = q.float() * scale[:, None]
-                        else:
-                            w_hat = fake_quantize(w, bits, group_size)
-                        x = calibration[i].inputs[name]
-                        total += (x @ (w - w_hat).T).pow(2).sum(-1).mean().item()
-                    row[bits] = total
+                    twin = copy.deepcopy(layer)  # AWQ folds its scales into the layer it searches
+                    for name, w in dequantized_weights(twin, arch, bits, method, calib, group_size).items():
+                        twin.get_submodule(name).weight.data = w
+                    row[bits] = (calib.block_output(twin) - reference).pow(2).mean().item()
                 rows.append(row)
-        return cls(source="calibrated: output perturbation on calibration text", omega=rows)
+        return cls(source=f"calibrated: {method} layer-output perturbation on calibration text", omega=rows)
 
     @classmethod
     def from_json(cls, path: str | Path) -> Indicator:

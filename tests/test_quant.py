@@ -130,6 +130,40 @@ def test_awq_scaling_keeps_the_full_precision_function(arch):
 
 
 @pytest.mark.parametrize("make,arch", [(tiny_llama, "llama"), (tiny_opt, "opt")])
+def test_calibration_calls_rerun_without_a_stale_kv_cache(make, arch):
+    """A candidate's block output must see its own k and v: a KV cache captured with the calls would make re-runs
+    attend to the keys of the first run and hide every k/v quantization from the search."""
+    model = make()
+    calib = collect_inputs(model, arch, [ids(seed=5)])[0]
+    assert not any(type(v).__name__.endswith("Cache") for _, kwargs in calib.calls for v in kwargs.values())
+    layer = decoder_layers(model, arch)[0]
+    with torch.no_grad():
+        before = calib.block_output(layer)
+        layer.self_attn.v_proj.weight.mul_(0.5)
+        assert not torch.allclose(calib.block_output(layer), before, atol=1e-4)
+
+
+def test_awq_falls_back_to_round_to_nearest_when_it_does_worse(monkeypatch):
+    from llmpq_serve.quant import awq
+
+    model = tiny_llama()
+    layer = decoder_layers(model, "llama")[0]
+    calib = collect_inputs(model, "llama", [ids(seed=5)])[0]
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    def harmful_scales(magnitude, _w):  # a search that can only do harm
+        n = len(magnitude)
+        yield torch.logspace(-2, 2, n)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+
+    monkeypatch.setattr(awq, "_candidate_scales", harmful_scales)
+    monkeypatch.setattr(awq, "CLIP_RATIOS", [1.0])
+    monkeypatch.setattr(awq, "BLOCK_CLIP_RATIOS", ())
+    found = awq.awq_quantize_layer(layer, "llama", calib, 3)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, original[k]), f"{k} kept a fold although the layer fell back"
+    for name, gq in found.items():
+        assert torch.equal(gq.q, quantize(layer.get_submodule(name).weight, 3).q)
+
+@pytest.mark.parametrize("make,arch", [(tiny_llama, "llama"), (tiny_opt, "opt")])
 def test_quantized_shard_stays_close_to_fp32(make, arch):
     model = make()
     x = ids(seed=3)

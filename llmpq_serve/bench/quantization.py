@@ -27,7 +27,7 @@ FORMATS = {"fp32": (16, "rtn"), "int8": (8, "rtn"), "awq4": (4, "awq"), "awq3": 
            "rtn3": (3, "rtn")}
 GROUP = 128
 # torch's CPU int4 kernel is built for small batches: evaluation windows are kept few
-CALIB_WINDOWS, EVAL_WINDOWS, SEQ = 16, 24, 128
+CALIB_WINDOWS, EVAL_WINDOWS, SEQ = 32, 24, 128
 
 
 def windows(data: torch.Tensor, n: int, seq: int = SEQ) -> torch.Tensor:

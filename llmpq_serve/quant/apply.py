@@ -13,10 +13,13 @@ from tqdm import tqdm
 
 from llmpq_serve.quant.awq import awq_quantize_layer
 from llmpq_serve.quant.calibration import LayerCalibration, decoder_layers
+from llmpq_serve.quant.groupwise import quantize, quantize_int8
 from llmpq_serve.quant.layout import linear_names
 from llmpq_serve.quant.linear import QuantLinear
 
 METHODS = ("awq", "rtn")
+# Bumped whenever calibration or the search changes what a layer quantizes to, so stale cache entries are not reused.
+ALGORITHM_VERSION = 2
 
 
 def model_id(path: str | Path) -> str:
@@ -38,7 +41,7 @@ class QuantCache:
         self.root = Path(root)
 
     def path(self, model: str, layer: int, bits: int, method: str, group_size: int) -> Path:
-        return self.root / model / f"layer{layer:03d}.{method}.{bits}b.g{group_size}.safetensors"
+        return self.root / model / f"layer{layer:03d}.{method}-v{ALGORITHM_VERSION}.{bits}b.g{group_size}.safetensors"
 
     def load(self, model: str, layer: int, bits: int, method: str, group_size: int) -> dict[str, torch.Tensor] | None:
         p = self.path(model, layer, bits, method, group_size)
@@ -70,6 +73,21 @@ def quantize_layer(layer: nn.Module, arch: str, bits: int, method: str = "awq",
         parent, attr = _parent(layer, name)
         linear = getattr(parent, attr)
         setattr(parent, attr, QuantLinear.from_linear(linear, bits, group_size, found.get(name)))
+
+
+def dequantized_weights(layer: nn.Module, arch: str, bits: int, method: str, calib: LayerCalibration | None,
+                        group_size: int = 128) -> dict[str, torch.Tensor]:
+    """Each linear's weight as `quantize_layer` would leave it, back in float (AWQ folds its scales into `layer`)."""
+    found = awq_quantize_layer(layer, arch, calib, bits, group_size) if method == "awq" and bits in (4, 3) else {}
+    out = {}
+    for name in linear_names(arch):
+        w = layer.get_submodule(name).weight
+        if bits == 8:
+            q, scale = quantize_int8(w)
+            out[name] = (q.float() * scale[:, None]).to(w.dtype)
+        else:
+            out[name] = (found[name] if name in found else quantize(w.float(), bits, group_size)).dequantize().to(w.dtype)
+    return out
 
 
 def layer_state(layer: nn.Module, arch: str) -> dict[str, torch.Tensor]:

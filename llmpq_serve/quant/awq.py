@@ -10,7 +10,10 @@
 3. Clipping search: per output row and group, the quantization range is shrunk by the ratio that minimises that
    linear's output error on its (scaled) inputs; that, no clipping, and a few whole-matrix shrinks are then judged
    by the block's output error, and the best is kept.
-4. The weights are quantized group-wise with zero points, at the range found."""
+4. The weights are quantized group-wise with zero points, at the range found.
+5. Each choice above is made greedily, one group or linear at a time; the whole layer's result must still beat
+   plain round-to-nearest of the original weights on the block's output, or the layer falls back to it (a layer
+   that quantizes worse than RTN is never what a user wants)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from llmpq_serve.quant.calibration import LayerCalibration
 from llmpq_serve.quant.groupwise import GroupQuant, fake_quantize, quantize
 from llmpq_serve.quant.layout import NO_CLIP, scale_groups
 
-SCALE_GRID = 10
+SCALE_GRID = 20  # AWQ's own grid: alpha in steps of 0.05
 CLIP_RATIOS = [1.0 - i / 20 for i in range(11)]  # down to half the range
 CLIP_TOKENS = 512
 BLOCK_CLIP_RATIOS = (0.95, 0.9, 0.85, 0.8)  # whole-matrix shrinks, judged by the block's output
@@ -32,11 +35,12 @@ ROW_CHUNK = 256  # bounds the tokens x rows x groups error tensor
 @torch.no_grad()
 def awq_quantize_layer(layer: nn.Module, arch: str, calib: LayerCalibration, bits: int,
                        group_size: int = 128) -> dict[str, GroupQuant]:
-    """Searches and folds scales into `layer` (in place; its function in full precision is unchanged), then returns
-    the group quantization of each linear."""
+    """Searches and folds scales into `layer` (in place, unless it falls back to round-to-nearest; its function in
+    full precision is unchanged either way), then returns the group quantization of each linear."""
     modules = dict(layer.named_modules())
     inputs = {name: x.float() for name, x in calib.inputs.items()}
     reference = calib.block_output(layer)
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
 
     def block_error(replace: dict[str, torch.Tensor]) -> float:
         saved = {name: modules[name].weight.data for name in replace}
@@ -73,6 +77,13 @@ def awq_quantize_layer(layer: nn.Module, arch: str, calib: LayerCalibration, bit
             candidates += [quantize(w, bits, group_size, torch.full(candidates[0].scale.shape, r))
                            for r in BLOCK_CLIP_RATIOS]
         out[name] = min(candidates, key=lambda gq: block_error({name: gq.dequantize()}))
+    awq_error = block_error({name: gq.dequantize() for name, gq in out.items()})
+    folded = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict(original)
+    rtn = {name: quantize(modules[name].weight.detach().float(), bits, group_size) for name in out}
+    if block_error({name: gq.dequantize() for name, gq in rtn.items()}) < awq_error:
+        return rtn
+    layer.load_state_dict(folded)
     return out
 
 

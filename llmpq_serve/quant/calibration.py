@@ -10,7 +10,7 @@ from torch import nn
 from llmpq_serve.quant.layout import LAYERS_PATH, linear_names
 
 MAX_TOKENS = 4096
-MAX_CALLS = 2  # decoder-layer calls kept per layer for block-output losses
+MAX_CALLS = 4  # decoder-layer calls kept per layer for block-output losses
 
 
 @dataclass
@@ -51,7 +51,7 @@ def collect_inputs(model: nn.Module, arch: str, batches: list[torch.Tensor],
             hooks.append(layer.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for ids in batches:
-            model(input_ids=ids)
+            model(input_ids=ids, use_cache=False)  # a cache would make re-run calls attend to stale keys
     finally:
         for h in hooks:
             h.remove()

@@ -19,7 +19,7 @@ from llmpq_serve.quant.calibration import collect_inputs, decoder_layers
 if TYPE_CHECKING:
     from llmpq_serve.runtime.shard import QuantOptions
 
-CALIBRATION_WINDOWS, CALIBRATION_SEQ = 16, 128
+CALIBRATION_WINDOWS, CALIBRATION_SEQ = 32, 128
 
 
 def calibration_batches(tokenizer, windows: int = CALIBRATION_WINDOWS, seq: int = CALIBRATION_SEQ) -> list[torch.Tensor]:
