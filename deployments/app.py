@@ -17,7 +17,7 @@ from deployments.router import Router
 from deployments.stage import StageDeployment
 from llmpq_serve.config import ServeConfig
 from llmpq_serve.runtime.scheduler import slot_count
-from llmpq_serve.runtime.shard import QuantOptions, StageSpec
+from llmpq_serve.runtime.shard import QuantOptions, StageSpec, default_quant_dir
 from llmpq_serve.spec import GPUSpec
 
 logger = logging.getLogger("llmpq")
@@ -36,7 +36,9 @@ def solve_plan(config: ServeConfig, path) -> tuple[list[tuple[str, StageSpec]], 
     from llmpq_serve.cli import quality_target
     from llmpq_serve.costmodel import CostModel
     from llmpq_serve.planner import Problem, plan
+    from llmpq_serve.quant.apply import QuantCache
     from llmpq_serve.runtime.local import stage_specs
+    from llmpq_serve.runtime.quantized import checkpoint_indicator
     from llmpq_serve.spec import ClusterSpec, ModelSpec
 
     model = ModelSpec.from_checkpoint(path)
@@ -44,7 +46,9 @@ def solve_plan(config: ServeConfig, path) -> tuple[list[tuple[str, StageSpec]], 
     if not cluster.devices:
         raise ValueError("the Ray cluster shows no GPUs with an accelerator_type; start nodes with --num-gpus and "
                          "--resources '{\"accelerator_type:<TYPE>\": 1}' (see the README), or give cluster: <yaml>")
-    problem = Problem(model, cluster, config.workload, cost=CostModel(model))
+    quant = QuantOptions(config.quant_method, config.group_size)
+    indicator = checkpoint_indicator(path, model.arch, quant, QuantCache(quant.cache_dir or default_quant_dir()))
+    problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator)
     problem = problem.with_quality(quality_target(problem, config.theta, None, config.quality))
     result = plan(problem, config.method, time_limit=config.plan_time_limit)
     logger.info("plan:\n%s", result.table())

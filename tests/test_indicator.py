@@ -50,3 +50,20 @@ def test_calibrated_indicator_tracks_output_perturbation():
         assert row[16] == 0 < row[8] < row[4] < row[3]
     assert max(range(3), key=lambda i: ind.omega[i][3]) == 1
     assert ind.uniform_quality(3) == pytest.approx(1.0)
+
+
+def test_checkpoint_indicator_is_calibrated_once_then_read_from_the_cache(demo_checkpoint, tmp_path, monkeypatch):
+    from llmpq_serve.quant.apply import QuantCache
+    from llmpq_serve.runtime.quantized import checkpoint_indicator
+    from llmpq_serve.runtime.shard import QuantOptions
+    from llmpq_serve.spec import ModelSpec
+
+    path = demo_checkpoint("opt")
+    spec = ModelSpec.from_checkpoint(path)
+    cache, options = QuantCache(tmp_path), QuantOptions("awq", 128)
+    first = checkpoint_indicator(path, spec.arch, options, cache)
+    assert first.layers == spec.layers and first.source.startswith("calibrated: awq")
+    for row in first.omega:
+        assert row[16] == 0 < row[8] < row[4] < row[3]
+    monkeypatch.setattr(Indicator, "calibrated", lambda *a, **k: pytest.fail("recalibrated despite the cache"))
+    assert checkpoint_indicator(path, spec.arch, options, cache).omega == first.omega

@@ -105,6 +105,7 @@ def test_planned_deployment_serves_and_reports_its_plan(cluster, demo_checkpoint
            cluster="ray", quality="fp16", plan_time_limit=5)
     plan = httpx.get(f"{cluster}/v1/plan", timeout=30).json()
     assert sum(s["layers"][1] - s["layers"][0] for s in plan["stages"]) == 3
+    assert plan["indicator"].startswith("calibrated")  # the checkpoint's own, not the analytic default
     assert httpx.get(f"{cluster}/healthz", timeout=30).status_code == 200
     chunks = []
     with httpx.stream("POST", f"{cluster}/v1/chat/completions", timeout=60, json={

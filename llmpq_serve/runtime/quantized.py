@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from llmpq_serve.quant.apply import QuantCache, layer_state, quantize_layer
+from llmpq_serve.indicator import Indicator
+from llmpq_serve.quant.apply import ALGORITHM_VERSION, QuantCache, layer_state, model_id, quantize_layer
 from llmpq_serve.quant.calibration import collect_inputs, decoder_layers
 
 if TYPE_CHECKING:
@@ -53,3 +54,23 @@ def ensure_quantized(path: Path, arch: str, layers_bits: list[tuple[int, int]], 
         quantize_layer(block, arch, bits, options.method, calibration and calibration[layer_id], options.group_size)
         cache.save(key, layer_id, bits, options.method, options.group_size, layer_state(block, arch))
     return len(missing)
+
+
+@torch.no_grad()
+def checkpoint_indicator(path: Path, arch: str, options: QuantOptions, cache: QuantCache) -> Indicator:
+    """The calibrated quality indicator of a checkpoint under `options`' method, computed once (about a minute for
+    the demo models) and then read from the cache beside the model's quantized layers."""
+    key = model_id(path)
+    file = cache.root / key / f"indicator.{options.method}-v{ALGORITHM_VERSION}.g{options.group_size}.json"
+    if file.is_file():
+        return Indicator.from_json(file)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    calibration = collect_inputs(model, arch, calibration_batches(AutoTokenizer.from_pretrained(str(path))))
+    indicator = Indicator.calibrated(model, arch, calibration, options.group_size, options.method)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(indicator.model_dump_json())
+    tmp.replace(file)
+    return indicator

@@ -92,7 +92,7 @@ class StageShard(nn.Module):
             return
         from llmpq_serve.runtime.quantized import ensure_quantized
 
-        cache = QuantCache(options.cache_dir or _default_quant_dir())
+        cache = QuantCache(options.cache_dir or default_quant_dir())
         key = model_id(self.path)
         ensure_quantized(self.path, self.arch, todo, options, cache, key)
         for layer_id, bits in todo:
@@ -133,7 +133,7 @@ class StageShard(nn.Module):
         return x
 
 
-def _default_quant_dir() -> Path:
+def default_quant_dir() -> Path:
     from llmpq_serve.demo_model import cache_dir
 
     return cache_dir() / "quantized"
