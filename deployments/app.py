@@ -23,7 +23,7 @@ from llmpq_serve.spec import GPUSpec
 logger = logging.getLogger("llmpq")
 
 
-def solve_plan(config: ServeConfig, path) -> tuple[list[tuple[str, StageSpec]], int, int, dict]:
+def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tuple[str, StageSpec]], int, int, dict]:
     """((accelerator type, stage) per stage, prefill micro-batch, decode micro-batch, the plan as JSON)."""
     if config.stages is not None:
         specs = StageSpec.chain([(s.layers[0], s.layers[1], s.bits or [16] * (s.layers[1] - s.layers[0]))
@@ -46,7 +46,6 @@ def solve_plan(config: ServeConfig, path) -> tuple[list[tuple[str, StageSpec]], 
     if not cluster.devices:
         raise ValueError("the Ray cluster shows no GPUs with an accelerator_type; start nodes with --num-gpus and "
                          "--resources '{\"accelerator_type:<TYPE>\": 1}' (see the README), or give cluster: <yaml>")
-    quant = QuantOptions(config.quant_method, config.group_size)
     indicator = checkpoint_indicator(path, model.arch, quant, QuantCache(quant.cache_dir or default_quant_dir()))
     problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator)
     problem = problem.with_quality(quality_target(problem, config.theta, None, config.quality))
@@ -60,10 +59,10 @@ def solve_plan(config: ServeConfig, path) -> tuple[list[tuple[str, StageSpec]], 
 def build_app(args: dict[str, Any]) -> Application:
     config = ServeConfig.model_validate(args)
     path = config.checkpoint()
-    stages, prefill_mb, decode_mb, plan_doc = solve_plan(config, path)
+    quant = QuantOptions(config.quant_method, config.group_size)
+    stages, prefill_mb, decode_mb, plan_doc = solve_plan(config, path, quant)
     max_batch = config.workload.batch_size
     slots = slot_count(max_batch, decode_mb)
-    quant = QuantOptions(config.quant_method, config.group_size)
     threads = max(1, (os.cpu_count() or 1) // len(stages))  # used only by stages that end up on a CPU
     handles = [StageDeployment.options(name=f"stage{i}", ray_actor_options={
         "num_gpus": 1, "num_cpus": 0, "accelerator_type": ray_type}).bind(str(path), spec, slots, config.max_context,

@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from llmpq_serve.quant.awq import awq_quantize_layer
 from llmpq_serve.quant.calibration import LayerCalibration, decoder_layers
-from llmpq_serve.quant.groupwise import quantize, quantize_int8
 from llmpq_serve.quant.layout import linear_names
 from llmpq_serve.quant.linear import QuantLinear
 
@@ -39,6 +38,9 @@ class QuantCache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def indicator_path(self, model: str, method: str, group_size: int) -> Path:
+        return self.root / model / f"indicator.{method}-v{ALGORITHM_VERSION}.g{group_size}.json"
 
     def path(self, model: str, layer: int, bits: int, method: str, group_size: int) -> Path:
         return self.root / model / f"layer{layer:03d}.{method}-v{ALGORITHM_VERSION}.{bits}b.g{group_size}.safetensors"
@@ -81,12 +83,9 @@ def dequantized_weights(layer: nn.Module, arch: str, bits: int, method: str, cal
     found = awq_quantize_layer(layer, arch, calib, bits, group_size) if method == "awq" and bits in (4, 3) else {}
     out = {}
     for name in linear_names(arch):
-        w = layer.get_submodule(name).weight
-        if bits == 8:
-            q, scale = quantize_int8(w)
-            out[name] = (q.float() * scale[:, None]).to(w.dtype)
-        else:
-            out[name] = (found[name] if name in found else quantize(w.float(), bits, group_size)).dequantize().to(w.dtype)
+        linear = layer.get_submodule(name)
+        quantized = QuantLinear.from_linear(linear, bits, group_size, found.get(name))
+        out[name] = quantized.dequantized_weight().to(linear.weight.dtype)
     return out
 
 

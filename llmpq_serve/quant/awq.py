@@ -23,7 +23,7 @@ from torch import nn
 from llmpq_serve.costmodel import group_size_for
 from llmpq_serve.quant.calibration import LayerCalibration
 from llmpq_serve.quant.groupwise import GroupQuant, fake_quantize, quantize
-from llmpq_serve.quant.layout import NO_CLIP, scale_groups
+from llmpq_serve.quant.layout import NO_CLIP, linear_names, scale_groups
 
 SCALE_GRID = 20  # AWQ's own grid: alpha in steps of 0.05
 CLIP_RATIOS = [1.0 - i / 20 for i in range(11)]  # down to half the range
@@ -41,6 +41,7 @@ def awq_quantize_layer(layer: nn.Module, arch: str, calib: LayerCalibration, bit
     inputs = {name: x.float() for name, x in calib.inputs.items()}
     reference = calib.block_output(layer)
     original = {k: v.clone() for k, v in layer.state_dict().items()}
+    rtn = {name: quantize(modules[name].weight.detach().float(), bits, group_size) for name in linear_names(arch)}
 
     def block_error(replace: dict[str, torch.Tensor]) -> float:
         saved = {name: modules[name].weight.data for name in replace}
@@ -52,6 +53,7 @@ def awq_quantize_layer(layer: nn.Module, arch: str, calib: LayerCalibration, bit
             for name, w in saved.items():
                 modules[name].weight.data = w
 
+    rtn_error = block_error({name: gq.dequantize() for name, gq in rtn.items()})  # before any fold
     for group in scale_groups(arch):
         linears = [modules[name] for name in group.linears]
         prev = modules[group.prev]
@@ -69,7 +71,7 @@ def awq_quantize_layer(layer: nn.Module, arch: str, calib: LayerCalibration, bit
         for name in group.linears:
             inputs[name] = inputs[name] / best_s
     out = {}
-    for name in (n for g in scale_groups(arch) for n in g.linears):
+    for name in linear_names(arch):
         w = modules[name].weight.detach().float()
         candidates = [quantize(w, bits, group_size)]
         if not name.endswith(NO_CLIP):
@@ -77,13 +79,9 @@ def awq_quantize_layer(layer: nn.Module, arch: str, calib: LayerCalibration, bit
             candidates += [quantize(w, bits, group_size, torch.full(candidates[0].scale.shape, r))
                            for r in BLOCK_CLIP_RATIOS]
         out[name] = min(candidates, key=lambda gq: block_error({name: gq.dequantize()}))
-    awq_error = block_error({name: gq.dequantize() for name, gq in out.items()})
-    folded = {k: v.clone() for k, v in layer.state_dict().items()}
-    layer.load_state_dict(original)
-    rtn = {name: quantize(modules[name].weight.detach().float(), bits, group_size) for name in out}
-    if block_error({name: gq.dequantize() for name, gq in rtn.items()}) < awq_error:
+    if rtn_error < block_error({name: gq.dequantize() for name, gq in out.items()}):
+        layer.load_state_dict(original)
         return rtn
-    layer.load_state_dict(folded)
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from llmpq_serve.indicator import Indicator
-from llmpq_serve.quant.apply import ALGORITHM_VERSION, QuantCache, layer_state, model_id, quantize_layer
+from llmpq_serve.quant.apply import QuantCache, layer_state, model_id, quantize_layer
 from llmpq_serve.quant.calibration import collect_inputs, decoder_layers
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def checkpoint_indicator(path: Path, arch: str, options: QuantOptions, cache: Qu
     """The calibrated quality indicator of a checkpoint under `options`' method, computed once (about a minute for
     the demo models) and then read from the cache beside the model's quantized layers."""
     key = model_id(path)
-    file = cache.root / key / f"indicator.{options.method}-v{ALGORITHM_VERSION}.g{options.group_size}.json"
+    file = cache.indicator_path(key, options.method, options.group_size)
     if file.is_file():
         return Indicator.from_json(file)
     from transformers import AutoModelForCausalLM, AutoTokenizer
