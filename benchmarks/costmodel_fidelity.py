@@ -6,7 +6,9 @@ end-to-end latency.
 
 Stages are CPU devices of one thread each (the catalog's CPU entry; latencies from profiles/CPU.json, measured with
 `llmpq profile --device cpu --threads 1`), so that a 2-stage pipeline really runs its stages side by side on this
-2-core machine. The prediction is the planner's own (Problem.evaluate). Prints {"cases": [...],
+2-core machine. The prediction is the planner's own (Problem.evaluate). Transports: "local" (the runtime in this
+process, stages in threads) and "ray" (the Serve app on a local Ray cluster whose node declares logical GPUs of type
+CPU: stage deployments, the stage ring, the router, timed over HTTP). Prints {"cases": [...],
 "median_abs_rel_error", "max_abs_rel_error"}."""
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +43,10 @@ CASES = [
     ("opt", [(0, 8, [16] * 8)], 2, 2),
     ("opt", [(0, 3, [16, 3, 3]), (3, 8, [16] * 5)], 4, 8),
     ("opt", [(0, 4, [4, 4, 16, 16]), (4, 8, [16, 16, 4, 4])], 8, 8),
+]
+RAY_CASES = [
+    ("llama", [(0, 4, [16] * 4), (4, 8, [16] * 4)], 2, 4),
+    ("opt", [(0, 3, [16, 3, 3]), (3, 8, [16] * 5)], 4, 8),
 ]
 
 
@@ -65,54 +72,136 @@ async def timed(engine, prompts: list[list[int]], max_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(path: Path, stages: list, pmb: int, dmb: int, repeats: int) -> dict:
+async def timed_http(url: str, prompts: list[list[int]], max_tokens: int) -> float:
+    import httpx
+
+    body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=300) as http:
+        start = time.perf_counter()
+        answers = await asyncio.gather(*[http.post(f"{url}/v1/completions", json={**body, "prompt": p})
+                                         for p in prompts])
+        elapsed = time.perf_counter() - start
+    bad = [a.text for a in answers if a.status_code != 200]
+    if bad:
+        raise RuntimeError(f"the app refused a request: {bad[0]}")
+    return elapsed
+
+
+def prompts_for(path: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     from llmpq_serve.demo_model import held_out_tokens
 
     data = held_out_tokens(AutoTokenizer.from_pretrained(str(path)), max_chars=50_000)
     p = WORKLOAD.prompt_len
-    prompts = [data[i * p:(i + 1) * p].tolist() for i in range(WORKLOAD.batch_size)]
-    engine = local_engine(path, StageSpec.chain(stages), pmb, dmb, WORKLOAD.batch_size, WORKLOAD.max_len, quant=QuantOptions())
+    return [data[i * p:(i + 1) * p].tolist() for i in range(WORKLOAD.batch_size)]
 
-    async def run() -> tuple[list[float], list[float]]:
-        await timed(engine, prompts, 2)  # warm-up
-        prefill, total = [], []
-        for _ in range(repeats):
-            prefill.append(await timed(engine, prompts, 1))
-            total.append(await timed(engine, prompts, WORKLOAD.gen_len))
-        await engine.scheduler.stop()
-        return prefill, total
 
-    prefill, total = asyncio.run(run())
+async def repeat(run: Callable[[list[list[int]], int], Awaitable[float]], prompts: list[list[int]],
+                 repeats: int) -> dict:
+    """Median prefill time (one token each), end-to-end time (gen_len tokens each) and decode time per token."""
+    await run(prompts, 2)  # warm-up
+    prefill, total = [], []
+    for _ in range(repeats):
+        prefill.append(await run(prompts, 1))
+        total.append(await run(prompts, WORKLOAD.gen_len))
     pre, tot = statistics.median(prefill), statistics.median(total)
     return {"prefill_s": pre, "decode_per_token_s": (tot - pre) / (WORKLOAD.gen_len - 1), "latency_s": tot}
+
+
+def measure_local(path: Path, stages: list, pmb: int, dmb: int, repeats: int) -> dict:
+    engine = local_engine(path, StageSpec.chain(stages), pmb, dmb, WORKLOAD.batch_size, WORKLOAD.max_len,
+                          quant=QuantOptions())
+
+    async def run() -> dict:
+        try:
+            return await repeat(lambda prompts, n: timed(engine, prompts, n), prompts_for(path), repeats)
+        finally:
+            await engine.scheduler.stop()
+
+    return asyncio.run(run())
+
+
+class RayApp:
+    """A local Ray cluster whose node has one logical GPU of type CPU per stage, and Serve on a free port."""
+
+    def __init__(self) -> None:
+        import socket
+
+        import ray
+        from ray import serve
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+        self.cluster.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:CPU": 2})
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        self.cluster.shutdown()
+
+    def measure(self, path: Path, stages: list, pmb: int, dmb: int, repeats: int) -> dict:
+        from ray import serve
+
+        from deployments.app import build_app
+
+        args = {"model": str(path), "prefill_micro_batch": pmb, "decode_micro_batch": dmb,
+                "stages": [{"accelerator_type": "CPU", "layers": [a, b], "bits": bits} for a, b, bits in stages],
+                "workload": WORKLOAD.model_dump(), "max_context": WORKLOAD.max_len}
+        serve.run(build_app(args), name="fidelity", route_prefix="/")
+        try:
+            return asyncio.run(repeat(lambda prompts, n: timed_http(self.url, prompts, n), prompts_for(path),
+                                      repeats))
+        finally:
+            serve.delete("fidelity")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profiles", type=Path, default=ROOT / "profiles")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-ray", action="store_true", help="only the local-transport cases")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from llmpq_serve import demo_model
 
     torch.set_num_threads(1)  # one core per stage, as profiled
     cases, errors = [], []
-    for arch, stages, pmb, dmb in CASES:
-        path = demo_model.build(arch)
-        pred = predict(path, stages, pmb, dmb, args.profiles)
-        meas = measure(path, stages, pmb, dmb, args.repeats)
-        rel = {k: (pred[k] - meas[k]) / meas[k] for k in meas}
-        errors += [abs(v) for v in rel.values()]
-        cases.append({"model": f"demo-{arch}", "transport": "local",
-                      "stages": [{"layers": [a, b], "bits": bits} for a, b, bits in stages],
-                      "prefill_micro_batch": pmb, "decode_micro_batch": dmb, "latency_source": pred.pop("source"),
-                      "predicted": {k: round(v, 5) for k, v in pred.items()},
-                      "measured": {k: round(v, 5) for k, v in meas.items()},
-                      "rel_error": {k: round(v, 3) for k, v in rel.items()}})
-        if not args.json:
-            print(json.dumps(cases[-1]), flush=True)
+    runs = [("local", case) for case in CASES] + ([] if args.no_ray else [("ray", case) for case in RAY_CASES])
+    ray_app = None
+    try:
+        for transport, (arch, stages, pmb, dmb) in runs:
+            path = demo_model.build(arch)
+            pred = predict(path, stages, pmb, dmb, args.profiles)
+            if transport == "local":
+                meas = measure_local(path, stages, pmb, dmb, args.repeats)
+            else:
+                ray_app = ray_app or RayApp()
+                meas = ray_app.measure(path, stages, pmb, dmb, args.repeats)
+            rel = {k: (pred[k] - meas[k]) / meas[k] for k in meas}
+            errors += [abs(v) for v in rel.values()]
+            cases.append({"model": f"demo-{arch}", "transport": transport,
+                          "stages": [{"layers": [a, b], "bits": bits} for a, b, bits in stages],
+                          "prefill_micro_batch": pmb, "decode_micro_batch": dmb,
+                          "latency_source": pred.pop("source"),
+                          "predicted": {k: round(v, 5) for k, v in pred.items()},
+                          "measured": {k: round(v, 5) for k, v in meas.items()},
+                          "rel_error": {k: round(v, 3) for k, v in rel.items()}})
+            if not args.json:
+                print(json.dumps(cases[-1]), flush=True)
+    finally:
+        if ray_app is not None:
+            ray_app.stop()
     doc = {"workload": WORKLOAD.model_dump(), "cases": cases,
            "median_abs_rel_error": round(statistics.median(errors), 3), "max_abs_rel_error": round(max(errors), 3)}
     print(json.dumps(doc) if args.json else json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1))

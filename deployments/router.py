@@ -1,28 +1,27 @@
 """The HTTP ingress: OpenAI-compatible API, and the scheduler that drives micro-batches through the stage
-deployments."""
+deployments over the stage ring."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
 
-import torch
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from llmpq_serve.runtime.engine import PipelineEngine
-from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler
+from llmpq_serve.runtime.ring import RingChain
+from llmpq_serve.runtime.scheduler import Scheduler
 from llmpq_serve.server.openai_app import build_app
 
 
-class RayChain:
-    """The stage chain over deployment handles: each hop goes through the object store."""
+def ring_over(stages: list[DeploymentHandle]) -> RingChain:
+    """A ring from this replica's node through the stage deployments, in order, and back."""
 
-    def __init__(self, handles: list[DeploymentHandle]):
-        self.handles = handles
-        self.stages = len(handles)
+    async def join(host: str, port: int) -> None:
+        await asyncio.gather(*[h.join.remote(host, port, i, len(stages)) for i, h in enumerate(stages)])
 
-    async def run(self, index: int, rows: RowsSpec, x: Any) -> torch.Tensor:
-        return await self.handles[index].forward.remote(rows, x)
+    return RingChain(len(stages), ray.util.get_node_ip_address(), join)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
@@ -34,7 +33,7 @@ class Router:
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.stages = stages
-        scheduler = Scheduler.for_batch(RayChain(stages), tokenizer, prefill_micro_batch, decode_micro_batch,
+        scheduler = Scheduler.for_batch(ring_over(stages), tokenizer, prefill_micro_batch, decode_micro_batch,
                                         max_batch, max_seq, max_queue)
         self.engine = PipelineEngine(scheduler, tokenizer, model_name, lambda: plan)
 

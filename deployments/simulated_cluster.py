@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="Serve config file")
     parser.add_argument("--gpus", nargs="+", default=["T4", "V100"], help="one node per entry, typed so")
+    parser.add_argument("--direct-port", type=int, default=30000,
+                        help="the router replica's own HTTP port (Serve's direct ingress, beside the proxy's; the next free one "
+                             "if taken)")
     args = parser.parse_args(argv)
     from ray.cluster_utils import Cluster
 
@@ -28,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     # pipeline makes a handle call per stage per micro-batch, and on a small machine the default path's per-call
     # cost, not the model, bounds tokens/s. Ray processes inherit it from this environment.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    # That mode also gives the ingress replica (the router) an HTTP server of its own, which load balancers (or
+    # Serve's HAProxy mode) reach without the proxy actor's extra hop; pinning its port makes it known in advance.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(args.direct_port))
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(args.direct_port + 100))
     cpus = os.cpu_count() or 2
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus})
     server = None

@@ -1,5 +1,6 @@
 """A pipeline stage as a Ray Serve deployment: pinned to its planned GPU type, it loads and quantizes only its own
-layers and holds their KV cache."""
+layers and holds their KV cache. Micro-batches reach it over the stage ring (llmpq_serve.runtime.ring), not as
+handle calls; handle calls only set the ring up and ask where the stage runs."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import torch
 from ray import serve
 
 from llmpq_serve.runtime.local import StageRunner
-from llmpq_serve.runtime.scheduler import RowsSpec
+from llmpq_serve.runtime.ring import StageLoop
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=4)
+@serve.deployment(num_replicas=1)
 class StageDeployment:
     def __init__(self, path: str, stage: StageSpec, slots: int, max_seq: int, quant: QuantOptions,
                  cpu_threads: int | None = None):
@@ -23,8 +24,9 @@ class StageDeployment:
             torch.set_num_threads(cpu_threads)
         self.runner = StageRunner(path, stage, slots, max_seq, device, quant)
 
-    def forward(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
-        return self.runner.run(rows, x)
+    def join(self, host: str, port: int, index: int, stages: int) -> None:
+        """Start serving as stage `index` of `stages` in the ring whose router listens on host:port."""
+        StageLoop(self.runner.run, index, stages).start(host, port)
 
     def placement(self) -> dict:
         """Where this replica runs: its node and that node's accelerator type."""

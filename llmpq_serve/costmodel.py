@@ -1,13 +1,16 @@
 """Latency, memory and transfer cost of a pipeline stage: what the planner optimises.
 
 Time of one decoder layer comes from a measured table (profiles/<TYPE>.json) when one exists for the device type and
-the model's layer shape, and from a roofline over the GPU catalog otherwise. Memory counts weights at their bit-width
+the model's layer shape, and from a roofline over the GPU catalog otherwise, scaled, for a GPU, by how far the
+measured GPU tables that do exist sit from the roofline at the same bits and phase (the median ratio over all their
+points): measured kernels reach a different fraction of peak at each bit-width than any fixed assumption. Memory counts weights at their bit-width
 (packed words, scales, zero points), the KV cache of every request of the batch at full length, the peak activations
 of the largest micro-batch, and the runtime's fixed overhead."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -41,6 +44,41 @@ class CostConfig(BaseModel):
 @cache
 def _load_profile(path: Path, mtime: float) -> Profile:
     return Profile.load(path)
+
+
+def profile_gpu(profile: Profile) -> GPUSpec | None:
+    """The catalog GPU a profile was measured on: its Ray type, PCIe or not as its device name says."""
+    names = catalog.gpus_for_ray_type(profile.device_type)
+    if not names or profile.device_type == "CPU":
+        return None
+    pcie = [n for n in names if "PCIE" in n.upper()]
+    other = [n for n in names if n not in pcie]
+    pick = pcie if "PCIE" in profile.device_name.upper() and pcie else other or pcie
+    return GPUSpec.from_catalog(pick[-1])
+
+
+@cache
+def _fitted_scales(profiles_dir: Path, stamp: tuple) -> tuple[dict[tuple[int, str], float], tuple[str, ...]]:
+    """((bits, phase) -> median of measured / roofline over every point of every GPU table in the folder, the
+    GPU types fitted on). `stamp` (file names and mtimes) makes an edited folder a new cache entry."""
+    ratios: dict[tuple[int, str], list[float]] = {}
+    fitted_on = []
+    for path in sorted(profiles_dir.glob("*.json")):
+        profile = _load_profile(path, path.stat().st_mtime)
+        gpu = profile_gpu(profile)
+        if gpu is None:
+            continue
+        fitted_on.append(profile.device_type)
+        for table in profile.tables:
+            shape = table.shape
+            spec = ModelSpec(name=f"profiled-{shape.hidden}", arch="llama" if shape.arch == "gated" else "opt",
+                             layers=1, hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads, ffn=shape.ffn,
+                             vocab=32000, max_pos=4096)
+            roofline = CostModel(spec, CostConfig(profiles_dir=None))
+            for p in table.points:
+                predicted = roofline.roofline_layer_time(gpu, p.bits, p.phase, p.micro_batch, p.seq)
+                ratios.setdefault((p.bits, p.phase), []).append(p.median_s / predicted)
+    return {k: statistics.median(v) for k, v in ratios.items()}, tuple(fitted_on)
 
 
 def packed_words(n: int, bits: int) -> int:
@@ -121,15 +159,28 @@ class CostModel:
         profile = self.profile(gpu)
         return None if profile is None else profile.table_for(self.model)
 
+    def fitted_scales(self, gpu: GPUSpec) -> tuple[dict[tuple[int, str], float], tuple[str, ...]]:
+        """Roofline corrections fitted on the measured GPU tables (none for a CPU device or without profiles)."""
+        folder = self.config.profiles_dir
+        if folder is None or gpu.ray_type == "CPU" or not Path(folder).is_dir():
+            return {}, ()
+        stamp = tuple((p.name, p.stat().st_mtime) for p in sorted(Path(folder).glob("*.json")))
+        return _fitted_scales(Path(folder), stamp)
+
     def latency_source(self, gpu: GPUSpec) -> str:
-        return "profile" if self.profile_table(gpu) is not None else "roofline"
+        """What layer times of `gpu` come from, as the plan reports it."""
+        if self.profile_table(gpu) is not None:
+            return "profile"
+        scales, fitted_on = self.fitted_scales(gpu)
+        return f"roofline, efficiencies fitted on {'+'.join(fitted_on)}" if scales else "roofline"
 
     def layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
         """Seconds for one decoder layer: prefill of `seq` prompt tokens, or one decode step at context `seq`."""
         table = self.profile_table(gpu)
         if table is not None and table.has(bits, phase):
             return table.interpolate(bits, phase, micro_batch, seq)
-        return self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
+        scale = 1.0 if table is not None else self.fitted_scales(gpu)[0].get((bits, phase), 1.0)
+        return scale * self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
 
     def roofline_layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
         m, k, a = self.model, self.kernels, self.config.act_bytes
@@ -166,6 +217,13 @@ class CostModel:
         compute_s = flops / (gpu.fp16_tflops * 1e12 * k["compute_eff"])
         memory_s = self.head_bytes() / (gpu.mem_bw_gbs * 1e9 * k["bandwidth_eff"])
         return max(compute_s, memory_s) + k["launch_us"] * 1e-6
+
+    def step_overhead(self, gpu: GPUSpec, micro_batch: int) -> float:
+        """The router's own work per micro-batch (scheduling, sampling, detokenizing) as measured beside this
+        device's profile; 0 without one. It comes after the last stage, and the router handles one micro-batch at
+        a time, so the planner counts it as part of the last stage."""
+        profile = self.profile(gpu)
+        return (profile.step_time(micro_batch) if profile else None) or 0.0
 
     # ---- transfer ------------------------------------------------------------------------------------------------
     def activation_bytes(self, phase: Phase, micro_batch: int, seq: int) -> int:

@@ -82,11 +82,28 @@ def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
     return lo, hi, (x - lo) / (hi - lo)
 
 
+def _piecewise(points: list[tuple[int, float]], x: float) -> float | None:
+    """Piecewise-linear through (x, y) points (outside them: the outer segment, floored at 0); None if none."""
+    if not points:
+        return None
+    points = sorted(points)
+    lo, hi, w = _bracket([p for p, _ in points], x)
+    values = dict(points)
+    return max(0.0, values[lo] * (1 - w) + values[hi] * w)
+
+
 class HeadPoint(BaseModel):
     """Final norm + LM head for the last position of `micro_batch` sequences."""
 
     hidden: int
     vocab: int
+    micro_batch: int
+    median_s: float
+
+
+class StepPoint(BaseModel):
+    """The router's own work per micro-batch step of `micro_batch` requests (scheduling, sampling, detokenizing)."""
+
     micro_batch: int
     median_s: float
 
@@ -110,16 +127,16 @@ class Profile(BaseModel):
     tables: list[ShapeTable]
     heads: list[HeadPoint] = Field(default_factory=list)
     transfer: TransferFit | None = None
+    step_overhead: list[StepPoint] = Field(default_factory=list)
 
     def head_time(self, hidden: int, vocab: int, micro_batch: float) -> float | None:
         """Piecewise-linear in micro-batch over the measured points of this head shape; None if not measured."""
-        points = sorted((h.micro_batch, h.median_s) for h in self.heads if (h.hidden, h.vocab) == (hidden, vocab))
-        if not points:
-            return None
-        grid = [m for m, _ in points]
-        lo, hi, w = _bracket(grid, micro_batch)
-        values = dict(points)
-        return max(0.0, values[lo] * (1 - w) + values[hi] * w)
+        return _piecewise([(h.micro_batch, h.median_s) for h in self.heads if (h.hidden, h.vocab) == (hidden, vocab)],
+                          micro_batch)
+
+    def step_time(self, micro_batch: float) -> float | None:
+        """Piecewise-linear in micro-batch over the measured step overheads; None if not measured."""
+        return _piecewise([(p.micro_batch, p.median_s) for p in self.step_overhead], micro_batch)
 
     def table_for(self, model: ModelSpec) -> ShapeTable | None:
         shape = LayerShape.of(model)

@@ -1,19 +1,23 @@
 """`llmpq profile`: measures one decoder layer of given model shapes on the local device, at every bit-width the
 runtime supports, for prefill and decode over a grid of micro-batch sizes and lengths, plus the LM head and the
-stage-to-stage transfer; writes `profiles/<TYPE>.json`.
+stage-to-stage transfer and the scheduler's own work per micro-batch step; writes `profiles/<TYPE>.json`.
 
 Weights are random (latency does not depend on their values) but of the real dimensions and in the runtime's own
 form: the same HF layer modules, QuantLinear kernels, KV cache and forward that a stage runs."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
+import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,7 +25,15 @@ from tqdm import tqdm
 
 from llmpq_serve import catalog
 from llmpq_serve.costmodel import matrix_bytes
-from llmpq_serve.profile_table import HeadPoint, LayerShape, Profile, ProfilePoint, ShapeTable, TransferFit
+from llmpq_serve.profile_table import (
+    HeadPoint,
+    LayerShape,
+    Profile,
+    ProfilePoint,
+    ShapeTable,
+    StepPoint,
+    TransferFit,
+)
 from llmpq_serve.quant.groupwise import GroupQuant
 from llmpq_serve.quant.layout import linear_names
 from llmpq_serve.quant.linear import QuantLinear
@@ -131,10 +143,28 @@ def build_layer(shape: LayerShape, bits: int, device: torch.device, dtype: torch
     return arch, config, layer
 
 
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The cache a stage's weights stream through: the GPU's L2, or the CPU's last-level cache."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        text = (index / "size").read_text().strip() if (index / "size").is_file() else ""
+        if text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * {"K": 1024, "M": 1024**2}.get(text[-1], 1))
+    return max(sizes, default=32 * 1024**2)
+
+
 @torch.inference_mode()
 def profile_layer(shape: LayerShape, bits: int, grid: Grid, device: torch.device, dtype: torch.dtype,
                   bar: tqdm) -> Iterator[ProfilePoint]:
+    """Calls cycle through enough copies of the layer that their weights overflow the last-level cache, as a
+    stage's consecutive layers do: one layer timed alone would find its weights in cache and look faster than it
+    runs in a stage (small layers on a CPU by about 2x)."""
     arch, config, layer = build_layer(shape, bits, device, dtype)
+    layer_bytes = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+    copies = max(1, min(16, math.ceil(2 * last_level_cache_bytes(device) / max(layer_bytes, 1))))
+    layers = [layer] + [build_layer(shape, bits, device, dtype)[2] for _ in range(copies - 1)]
     forward = layer_forward(arch, config)
     rope_module = rotary(arch, config, device)
     head_dim = shape.hidden // shape.heads
@@ -142,14 +172,20 @@ def profile_layer(shape: LayerShape, bits: int, grid: Grid, device: torch.device
                                  ("decode", grid.decode_batches, grid.context_lens)):
         for mb in batches:
             for n in lens:
-                cache = KVCache(1, mb, n + 1, shape.kv_heads, head_dim, dtype, device)
+                cache = KVCache(copies, mb, n + 1, shape.kv_heads, head_dim, dtype, device)
                 if phase == "prefill":
                     rows = Rows(list(range(mb)), [0] * mb, [n] * mb).to(device)
                 else:
                     rows = Rows(list(range(mb)), [n] * mb, [1] * mb).to(device)
                 x = torch.randn(mb, rows.width, shape.hidden, device=device, dtype=dtype)
                 rope = None if rope_module is None else rope_module(x, rows.positions)
-                median, p10, p90 = measure(partial(forward, layer, x, rope, cache, 0, rows), device)
+                turn = itertools.cycle(range(copies))
+
+                def call(x=x, rope=rope, cache=cache, rows=rows, turn=turn):
+                    i = next(turn)
+                    return forward(layers[i], x, rope, cache, i, rows)
+
+                median, p10, p90 = measure(call, device)
                 yield ProfilePoint(bits=bits, phase=phase, micro_batch=mb, seq=n, median_s=median, p10_s=p10,
                                    p90_s=p90)
                 bar.update()
@@ -195,6 +231,53 @@ def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 409
                        sizes=sizes, seconds=times)
 
 
+class _NullChain:
+    """A one-stage chain that answers at once with logits of zeros: what is left is the scheduler's own work."""
+
+    stages = 1
+
+    def __init__(self, vocab: int):
+        self.vocab, self.busy_s = vocab, [0.0]
+
+    async def forward(self, rows, x: torch.Tensor) -> torch.Tensor:
+        await asyncio.sleep(0)  # a stage call always yields to the event loop once
+        return torch.zeros(x.shape[0], self.vocab)
+
+
+class _LetterTokenizer:
+    """Stands in for a tokenizer (the profiler has no checkpoint): one letter per token."""
+
+    eos_token_id, pad_token_id = None, 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: int = 64) -> list[StepPoint]:
+    """Seconds per micro-batch step the router spends outside the stages (scheduling, sampling, detokenizing,
+    handing out events), for one decode micro-batch of each size: `steps` greedy tokens of a full group."""
+    from llmpq_serve.runtime.sampling import SamplingParams
+    from llmpq_serve.runtime.scheduler import Scheduler
+
+    async def one_run(mb: int) -> float:
+        scheduler = Scheduler(_NullChain(vocab), _LetterTokenizer(), mb, mb, 1, steps + 16)
+        params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+        start = time.perf_counter()
+        reqs = [scheduler.submit([1] * 8, params) for _ in range(mb)]
+        for req in reqs:
+            while (await req.events.get()).finish_reason is None:
+                pass
+        elapsed = time.perf_counter() - start
+        await scheduler.stop()
+        return elapsed / steps
+
+    out = []
+    for mb in batches:
+        asyncio.run(one_run(mb))  # warm-up
+        out.append(StepPoint(micro_batch=mb, median_s=statistics.median(asyncio.run(one_run(mb)) for _ in range(5))))
+    return out
+
+
 def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
         bits: tuple[int, ...] = BITS, threads: int | None = None) -> Profile:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -218,10 +301,12 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
                    measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    method=(f"llmpq profile: one decoder layer with random weights of each shape, runtime forward "
                            f"(QuantLinear kernels, slot KV cache, SDPA) in {str(dtype).removeprefix('torch.')}; "
+                           f"calls cycle through copies of the layer overflowing the last-level cache; "
                            f"per point the median of 7 samples (3 where one call takes > 0.1 s), each sample >= "
                            f"10 ms of back-to-back calls after a warm-up; {torch.get_num_threads()} CPU threads; "
                            f"models: {', '.join(models)}"),
-                   tables=tables, heads=heads, transfer=profile_transfer(dev, dtype))
+                   tables=tables, heads=heads, transfer=profile_transfer(dev, dtype),
+                   step_overhead=profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs)))
 
 
 def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> list[dict]:
@@ -263,4 +348,7 @@ def summary(profile: Profile) -> str:
     if profile.transfer:
         t = profile.transfer
         lines.append(f"stage hand-off: {t.latency_s * 1e6:.0f} us + {t.bytes_per_s / 1e9:.2f} GB/s")
+    if profile.step_overhead:
+        lines.append("scheduler work per micro-batch step: " + ", ".join(
+            f"mb {p.micro_batch} {p.median_s * 1e3:.2f} ms" for p in profile.step_overhead))
     return "\n".join(lines)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from llmpq_serve.bench.planning import roofline_problem
 from llmpq_serve.planner import Problem, QualityTarget, plan
 from llmpq_serve.planner.ilp import solve_order
 from llmpq_serve.planner.search import device_orders
@@ -47,7 +48,7 @@ TARGETS = [QualityTarget(theta=1.0), QualityTarget(budget=0.12), QualityTarget(t
 
 @pytest.mark.parametrize("target", TARGETS, ids=["theta", "budget", "both"])
 def test_llmpq_matches_exhaustive_two_devices(bloom_like, two_node, target):
-    problem = Problem(bloom_like, two_node, WORKLOAD, quality=target, bits=(16, 8, 4))
+    problem = roofline_problem(bloom_like, two_node, WORKLOAD, quality=target, bits=(16, 8, 4))
     result = plan(problem, "llmpq", gap=1e-9, time_limit=60)
     assert result.solver.objective == pytest.approx(exhaustive(problem), rel=1e-6)
     assert result.solver.status == "optimal"
@@ -56,13 +57,13 @@ def test_llmpq_matches_exhaustive_two_devices(bloom_like, two_node, target):
 @pytest.mark.parametrize("target", TARGETS[:2], ids=["theta", "budget"])
 def test_llmpq_matches_exhaustive_three_devices(bloom_like, three_dev, target):
     model = bloom_like.model_copy(update={"layers": 4})
-    problem = Problem(model, three_dev, WORKLOAD, quality=target, bits=(16, 8, 4))
+    problem = roofline_problem(model, three_dev, WORKLOAD, quality=target, bits=(16, 8, 4))
     result = plan(problem, "llmpq", gap=1e-9, time_limit=60)
     assert result.solver.objective == pytest.approx(exhaustive(problem), rel=1e-6)
 
 
 def test_order_ilp_matches_exhaustive_for_its_order(bloom_like, two_node):
-    problem = Problem(bloom_like, two_node, WORKLOAD, quality=QualityTarget(theta=1.0), bits=(16, 8, 4))
+    problem = roofline_problem(bloom_like, two_node, WORKLOAD, quality=QualityTarget(theta=1.0), bits=(16, 8, 4))
     devices = list(reversed(two_node.devices))
     for pair in [(1, 4), (2, 2), (4, 1)]:
         sol = solve_order(problem, devices, problem.bits, *pair, time_limit=30, gap=1e-9)
@@ -75,11 +76,11 @@ def test_order_ilp_matches_exhaustive_for_its_order(bloom_like, two_node):
 
 def test_pipeedge_matches_exhaustive_within_its_rules(bloom_like, two_node):
     """PipeEdge: one bit-width (the highest that fits) and one micro-batch for both phases; exact within those."""
-    problem = Problem(bloom_like, two_node, WORKLOAD, bits=(16, 8, 4))
+    problem = roofline_problem(bloom_like, two_node, WORKLOAD, bits=(16, 8, 4))
     result = plan(problem, "pipeedge", gap=1e-9)
     (bits,) = set(result.bits)
-    uniform = Problem(bloom_like, two_node, WORKLOAD, bits=(bits,))
+    uniform = roofline_problem(bloom_like, two_node, WORKLOAD, bits=(bits,))
     assert result.solver.objective == pytest.approx(exhaustive(uniform, phase_aware=False), rel=1e-6)
     higher = [b for b in (16, 8, 4) if b > bits]
     for b in higher:  # nothing at a higher bit-width fits
-        assert exhaustive(Problem(bloom_like, two_node, WORKLOAD, bits=(b,)), phase_aware=False) == math.inf
+        assert exhaustive(roofline_problem(bloom_like, two_node, WORKLOAD, bits=(b,)), phase_aware=False) == math.inf

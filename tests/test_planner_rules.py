@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from llmpq_serve.bench.planning import load_cases
+from llmpq_serve.bench.planning import load_cases, roofline_problem
 from llmpq_serve.planner import METHODS, InfeasibleError, Plan, Problem, QualityTarget, plan
 from llmpq_serve.planner.problem import even_split
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
@@ -21,7 +21,7 @@ def cases():
 
 
 def _problem(case, **quality) -> Problem:
-    return Problem(case.model, case.cluster, case.workload, quality=QualityTarget(**quality))
+    return roofline_problem(case.model, case.cluster, case.workload, quality=QualityTarget(**quality))
 
 
 def check_invariants(p: Plan, problem: Problem) -> None:
@@ -57,7 +57,7 @@ def test_every_method_respects_memory_and_its_rules(cases, cid, method):
     if rules.highest_bits_that_fit:  # no plan of the same method at any higher bit-width fits
         (bits,) = set(p.bits)
         for higher in (b for b in problem.bits if b > bits):
-            restricted = Problem(case.model, case.cluster, case.workload, bits=(higher,))
+            restricted = roofline_problem(case.model, case.cluster, case.workload, bits=(higher,))
             with pytest.raises(InfeasibleError):
                 plan(restricted, method)
 
@@ -98,7 +98,7 @@ def test_plan_rejects_gaps_in_the_layers(cases):
 
 
 def test_model_too_big_names_devices_and_missing_gib():
-    problem = Problem(ModelSpec.from_catalog("bloom-176b"),
+    problem = roofline_problem(ModelSpec.from_catalog("bloom-176b"),
                       ClusterSpec.from_dict({"devices": [{"type": "T4", "count": 2}]}), Workload())
     with pytest.raises(InfeasibleError, match=r"hold at most \d+ of 70 layers, [\d.]+ GiB missing"):
         plan(problem, "llmpq")
@@ -107,7 +107,7 @@ def test_model_too_big_names_devices_and_missing_gib():
 def test_device_without_room_for_one_layer_is_named():
     cluster = ClusterSpec.from_dict({"devices": [{"type": "P100-PCIE-12GB", "count": 1},
                                                  {"type": "A100-SXM4-80GB", "count": 1}]})
-    problem = Problem(ModelSpec.from_catalog("bloom-176b"), cluster, Workload(batch_size=64))
+    problem = roofline_problem(ModelSpec.from_catalog("bloom-176b"), cluster, Workload(batch_size=64))
     with pytest.raises(InfeasibleError, match=r"P100-PCIE-12GB#0 \(P100-PCIE-12GB\) lacks [\d.]+ GiB"):
         plan(problem, "llmpq")
 
@@ -124,14 +124,14 @@ def test_bad_inputs():
     opt = ModelSpec.from_catalog("opt-13b")
     one = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 1}]})
     with pytest.raises(ValueError, match="exceed the model's context"):
-        Problem(opt, one, Workload(prompt_len=2000, gen_len=100))
+        roofline_problem(opt, one, Workload(prompt_len=2000, gen_len=100))
     with pytest.raises(ValueError, match="bit-widths must be among"):
-        Problem(opt, one, Workload(), bits=(16, 2))
+        roofline_problem(opt, one, Workload(), bits=(16, 2))
     with pytest.raises(ValueError, match="unknown method"):
-        plan(Problem(opt, one, Workload()), "magic")
+        plan(roofline_problem(opt, one, Workload()), "magic")
     many = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 41}]})
     with pytest.raises(InfeasibleError, match="41 devices but only 40 layers"):
-        plan(Problem(opt, many, Workload()), "llmpq")
+        plan(roofline_problem(opt, many, Workload()), "llmpq")
 
 
 def test_theta_trades_quality_for_speed(cases):

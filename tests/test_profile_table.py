@@ -54,7 +54,58 @@ def test_cost_model_uses_profile_when_shape_matches(tmp_path):
     assert cm.layer_time(t4, 16, "prefill", 4, 512) == pytest.approx(8.0)
     # a phase or bit-width the table lacks falls back to the roofline
     assert cm.layer_time(t4, 4, "decode", 1, 512) == cm.roofline_layer_time(t4, 4, "decode", 1, 512)
-    # another model shape, or another device type, has no table: roofline, and the plan says so
+    # another model shape, or another device type, has no table: the roofline scaled by the T4 table, and the plan
+    # says so
     other = CostModel(ModelSpec.from_catalog("opt-30b"), CostConfig(profiles_dir=tmp_path))
-    assert other.latency_source(t4) == "roofline"
-    assert cm.latency_source(GPUSpec.from_catalog("A10")) == "roofline"
+    assert other.latency_source(t4) == "roofline, efficiencies fitted on T4"
+    assert cm.latency_source(GPUSpec.from_catalog("A10")) == "roofline, efficiencies fitted on T4"
+    assert CostModel(model, CostConfig(profiles_dir=tmp_path / "none")).latency_source(t4) == "roofline"
+
+
+def test_roofline_scaled_by_efficiency_fitted_on_measured_gpus(tmp_path):
+    """A T4 table that runs exactly 3x slower than the roofline at every point: a GPU without a table then gets 3x
+    its roofline for that bit-width and phase, and the plain roofline for the others."""
+    measured = ModelSpec.from_catalog("opt-13b")
+    t4 = GPUSpec.from_catalog("T4")
+    plain = CostModel(measured, CostConfig(profiles_dir=None))
+    points = [ProfilePoint(bits=16, phase="decode", micro_batch=m, seq=s,
+                           median_s=3 * plain.roofline_layer_time(t4, 16, "decode", m, s))
+              for m in (1, 8) for s in (128, 512)]
+    Profile(device_type="T4", device_name="Tesla T4", torch="2.13", measured_at="2026-11-25",
+            tables=[ShapeTable(shape=LayerShape.of(measured), points=points)]).save(tmp_path / "T4.json")
+    target = ModelSpec.from_catalog("llama-3-8b")
+    a100 = GPUSpec.from_catalog("A100-SXM4-80GB")
+    cm = CostModel(target, CostConfig(profiles_dir=tmp_path))
+    assert cm.layer_time(a100, 16, "decode", 4, 300) == pytest.approx(3 * cm.roofline_layer_time(a100, 16, "decode",
+                                                                                                    4, 300))
+    assert cm.layer_time(a100, 4, "prefill", 4, 300) == cm.roofline_layer_time(a100, 4, "prefill", 4, 300)
+    # CPU devices are not scaled by GPU measurements
+    cpu = GPUSpec.from_catalog("CPU")
+    assert cm.layer_time(cpu, 16, "decode", 4, 300) == cm.roofline_layer_time(cpu, 16, "decode", 4, 300)
+
+
+def test_router_step_overhead_is_interpolated_and_charged_to_the_last_stage(tmp_path):
+    from llmpq_serve.planner import Problem
+    from llmpq_serve.profile_table import StepPoint
+    from llmpq_serve.spec import ClusterSpec, Workload
+
+    model = ModelSpec.from_catalog("opt-13b")
+    profile = _profile(model)
+    profile.step_overhead = [StepPoint(micro_batch=1, median_s=0.001), StepPoint(micro_batch=8, median_s=0.008)]
+    profile.save(tmp_path / "T4.json")
+    t4 = GPUSpec.from_catalog("T4")
+    cm = CostModel(model, CostConfig(profiles_dir=tmp_path))
+    assert cm.step_overhead(t4, 4) == pytest.approx(0.004)
+    assert CostModel(model, CostConfig(profiles_dir=None)).step_overhead(t4, 4) == 0.0
+    cluster = ClusterSpec.from_dict({"name": "t4", "devices": [{"type": "T4", "count": 1}]})
+    problem = Problem(model, cluster, Workload(), cost=cm)
+    with_head = problem.stage_fixed_time("T4", "decode", 4, first=False, last=True)
+    assert with_head == pytest.approx(cm.head_time(t4, 4) + 0.004)
+
+
+def test_profiler_measures_the_schedulers_own_step_time():
+    from llmpq_serve.profiler import profile_step_overhead
+
+    points = profile_step_overhead((1, 4), vocab=64, steps=8)
+    assert [p.micro_batch for p in points] == [1, 4]
+    assert all(0 < p.median_s < 0.1 for p in points)

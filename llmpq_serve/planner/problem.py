@@ -103,7 +103,9 @@ class Problem:
     def stage_fixed_time(self, gpu: str, phase: Phase, micro_batch: int, first: bool, last: bool) -> float:
         spec, seq = self.cluster_gpu(gpu), self.workload.prompt_len
         t = self.cost.embedding_time(spec, phase, micro_batch, seq) if first else 0.0
-        return t + (self.cost.head_time(spec, micro_batch) if last else 0.0)
+        if last:
+            t += self.cost.head_time(spec, micro_batch) + self.cost.step_overhead(spec, micro_batch)
+        return t
 
     def stage_fixed_memory(self, mb_prefill: int, mb_decode: int, first: bool, last: bool) -> float:
         w = self.workload

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,15 +40,24 @@ class StageRunner:
 
 
 class LocalChain:
-    """Stages in this process; each call runs in a worker thread (torch releases the GIL inside its kernels), so
-    different stages overlap as they would on different devices."""
+    """Stages in this process; each stage call runs in a worker thread (torch releases the GIL inside its kernels),
+    so different stages overlap as they would on different devices. A FIFO lock per stage keeps one micro-batch on a
+    stage at a time, in arrival order."""
 
     def __init__(self, runners: list[StageRunner]):
         self.runners = runners
         self.stages = len(runners)
+        self.busy_s = [0.0] * self.stages
+        self._locks = [asyncio.Lock() for _ in runners]
 
-    async def run(self, index: int, rows: RowsSpec, x: Any) -> Any:
-        return await asyncio.to_thread(self.runners[index].run, rows, x)
+    async def forward(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        for k, runner in enumerate(self.runners):
+            async with self._locks[k]:
+                start = loop.time()
+                x = await asyncio.to_thread(runner.run, rows, x)
+                self.busy_s[k] += loop.time() - start
+        return x
 
 
 def local_engine(path: str | Path, stages: list[StageSpec], prefill_micro_batch: int, decode_micro_batch: int,

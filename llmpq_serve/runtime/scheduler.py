@@ -1,8 +1,8 @@
 """Phase-aware micro-batch scheduling over a chain of stages, written once for every transport.
 
 Prefill micro-batches (up to `prefill_micro_batch` new requests) and decode micro-batches (one per slot group of
-`decode_micro_batch` requests) travel the chain stage by stage. Each stage runs one micro-batch at a time (a FIFO
-lock per stage), and many micro-batches are on their way at once, so while stage k runs one micro-batch stage k+1
+`decode_micro_batch` requests) travel the chain stage by stage. Each stage runs one micro-batch at a time, in
+arrival order, and many micro-batches are on their way at once, so while stage k runs one micro-batch stage k+1
 runs the one before it: the pipe stays full. Batching is continuous: a request joins its group's next decode step
 as soon as its prefill is done, and leaves at the step it finishes; nobody waits for a whole batch."""
 
@@ -14,7 +14,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -32,12 +32,14 @@ class RowsSpec:
 
 
 class StageChain(Protocol):
-    """The transport: runs micro-batch `rows` with input `x` on stage `index` and returns its output (hidden
-    states, or on the last stage the logits [B, vocab] of each row's last token)."""
+    """The transport: runs micro-batch `rows` with input `x` (token ids [B, T]) through every stage, each stage
+    taking micro-batches one at a time in the order they were given, and returns the last stage's logits [B, vocab]
+    of each row's last token. `busy_s[k]`: seconds stage k has spent running micro-batches."""
 
     stages: int
+    busy_s: list[float]
 
-    async def run(self, index: int, rows: RowsSpec, x: Any) -> Any: ...
+    async def forward(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class QueueFullError(Exception):
@@ -89,8 +91,6 @@ class Scheduler:
         self.pool = SlotPool(groups, decode_micro_batch)
         self.waiting: deque[Request] = deque()
         self.decoding: list[dict[str, Request]] = [{} for _ in range(groups)]
-        self.locks = [asyncio.Lock() for _ in range(chain.stages)]
-        self.stage_busy_s = [0.0] * chain.stages
         self._wake = asyncio.Event()
         self._group_wake = [asyncio.Event() for _ in range(groups)]
         self._tasks: list[asyncio.Task] = []
@@ -116,6 +116,10 @@ class Scheduler:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+
+    @property
+    def stage_busy_s(self) -> list[float]:
+        return self.chain.busy_s
 
     @property
     def running(self) -> int:
@@ -160,16 +164,7 @@ class Scheduler:
                 req.events.put_nowait(error)
                 self._finish(req)
 
-    # ---- the chain ------------------------------------------------------------------------------------------------
-    async def _through(self, rows: RowsSpec, x: Any) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        for k in range(self.chain.stages):
-            async with self.locks[k]:
-                start = loop.time()
-                x = await self.chain.run(k, rows, x)
-                self.stage_busy_s[k] += loop.time() - start
-        return x
-
+    # ---- sampling -------------------------------------------------------------------------------------------------
     def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         for req, tok in zip(reqs, tokens):
@@ -203,7 +198,7 @@ class Scheduler:
         for hook in self.step_hooks:
             hook("prefill", rows)
         try:
-            logits = await self._through(rows, ids)
+            logits = await self.chain.forward(rows, ids)
         except Exception as e:  # noqa: BLE001 - a stage failed: these requests end with the error, the others go on
             self._fail(batch, e)
             return
@@ -232,7 +227,7 @@ class Scheduler:
                 hook("decode", rows)
             x = torch.tensor([[r.last_token] for r in step], dtype=torch.long)
             try:
-                logits = await self._through(rows, x)
+                logits = await self.chain.forward(rows, x)
             except Exception as e:  # noqa: BLE001 - as in _prefill
                 self._fail(step, e)
                 continue

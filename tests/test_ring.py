@@ -1,0 +1,165 @@
+"""The stage ring (the Ray layer's data plane) without Ray: stage loops in threads of this process, linked by real
+gloo groups. Its output equals the in-process transport's, a stage that fails a micro-batch fails only those
+requests, and messages keep their dtype, shape and metadata."""
+
+import asyncio
+import socket
+import threading
+
+import pytest
+import torch
+
+from llmpq_serve.runtime import ring
+from llmpq_serve.runtime.engine import PipelineEngine
+from llmpq_serve.runtime.local import StageRunner, even_stages, local_engine
+from llmpq_serve.runtime.sampling import SamplingParams
+from llmpq_serve.runtime.scheduler import Scheduler, slot_count
+from tests.test_runtime import PROMPTS, run_all
+
+HOST = "127.0.0.1"
+
+
+def ring_engine(path, stages, prefill_mb, decode_mb, max_batch, max_seq, wrap=lambda k, run: run):
+    from transformers import AutoTokenizer
+
+    slots = slot_count(max_batch, decode_mb)
+    runners = [StageRunner(path, s, slots, max_seq) for s in stages]
+
+    async def join(host: str, port: int) -> None:
+        for k, runner in enumerate(runners):
+            ring.StageLoop(wrap(k, runner.run), k, len(runners)).start(host, port)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    chain = ring.RingChain(len(runners), HOST, join)
+    scheduler = Scheduler.for_batch(chain, tokenizer, prefill_mb, decode_mb, max_batch, max_seq, 64)
+    return PipelineEngine(scheduler, tokenizer, "demo", dict)
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_ring_gives_the_local_transports_tokens(demo_checkpoint, stages):
+    path = demo_checkpoint("llama")
+    prompts = PROMPTS * 2
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    for params in (greedy, seeded):
+        local = asyncio.run(run_all(local_engine(path, even_stages(3, stages), 2, 2, 4, 96), prompts, params))
+        engine = ring_engine(path, even_stages(3, stages), 2, 2, 4, 96)
+        assert asyncio.run(run_all(engine, prompts, params)) == local
+        busy = engine.scheduler.stage_busy_s
+        assert len(busy) == stages and all(b > 0 for b in busy)
+
+
+def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_checkpoint):
+    path = demo_checkpoint("llama")
+    calls = {"n": 0}
+
+    def wrap(k, run):
+        if k != 1:
+            return run
+
+        def flaky(rows, x):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("out of device memory")
+            return run(rows, x)
+
+        return flaky
+
+    engine = ring_engine(path, even_stages(3, 2), 1, 1, 1, 64, wrap)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    async def go():
+        first = await asyncio.gather(run_all_keep(engine, PROMPTS[:1], params), return_exceptions=True)
+        second = await run_all(engine, PROMPTS[1:2], params)
+        return first[0], second
+
+    first, second = asyncio.run(go())
+    assert isinstance(first, ring.RingError) and "stage 1: RuntimeError: out of device memory" in str(first)
+    assert len(second[0]) == 4
+    assert engine.scheduler.pool.free == engine.scheduler.pool.slots
+
+
+async def run_all_keep(engine, prompts, params):
+    """run_all without stopping the scheduler afterwards."""
+    out = []
+    for i, p in enumerate(prompts):
+        toks = []
+        async for ev in engine.generate(engine.tokenizer(p).input_ids, params, f"k{i}"):
+            toks += ev.token_ids
+        out.append(toks)
+    return out
+
+
+def test_messages_keep_dtype_shape_and_metadata():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    groups = {}
+
+    def open_rank(rank):
+        groups[rank] = ring.connect(HOST, port, rank, 2)
+
+    threads = [threading.Thread(target=open_rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    payloads = [torch.arange(6).view(2, 3), torch.randn(2, 1, 5), torch.randn(3, 4).bfloat16(), None]
+    for payload in payloads:
+        meta = {"rows": ([0, 1], [3, 4], [1, 1]), "note": "x" * (len(str(payload)) % 7)}
+        # a send completes only once its receiver takes it
+        sender = threading.Thread(target=ring.send, args=(groups[0], 1, meta, payload))
+        sender.start()
+        got_meta, got = ring.recv(groups[1], 0)
+        sender.join(timeout=60)
+        assert got_meta == meta
+        if payload is None:
+            assert got is None
+        else:
+            assert got.dtype == payload.dtype and torch.equal(got, payload)
+
+
+def serve_stage(path, spec, slots, max_seq, host, port):
+    """A stage in its own process, as a stage deployment's replica is."""
+    loop = ring.StageLoop(StageRunner(path, spec, slots, max_seq).run, 0, 1)
+    loop.start(host, port)
+    loop.thread.join()
+
+
+def test_a_dead_stage_fails_what_is_in_flight_and_the_next_request_opens_a_new_ring(demo_checkpoint):
+    import multiprocessing
+
+    from transformers import AutoTokenizer
+
+    path = demo_checkpoint("llama")
+    (spec,) = even_stages(3, 1)
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+
+    async def join(host: str, port: int) -> None:
+        procs.append(ctx.Process(target=serve_stage, args=(str(path), spec, 2, 128, host, port), daemon=True))
+        procs[-1].start()
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    chain = ring.RingChain(1, HOST, join)
+    engine = PipelineEngine(Scheduler.for_batch(chain, tokenizer, 1, 1, 2, 128, 8), tokenizer, "demo", dict)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def go():
+        first = await run_all_keep(engine, PROMPTS[:1], params)
+        stream = engine.generate(tokenizer(PROMPTS[1]).input_ids, params, "doomed")
+        await anext(stream)
+        procs[0].kill()
+        with pytest.raises(ring.RingError, match="ring is down"):
+            async for _ in stream:
+                pass
+        again = await run_all(engine, PROMPTS[:1], params)
+        return first, again
+
+    try:
+        first, again = asyncio.run(asyncio.wait_for(go(), timeout=300))
+        assert again == first and len(procs) == 2
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(timeout=30)
