@@ -28,6 +28,7 @@ serve: $(STAMP)
 	@echo "  curl -N localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"import os\"}], \"max_tokens\": 32, \"stream\": true}'"
 	@echo "  curl localhost:8000/v1/plan"
+	@echo "The router also serves the same API on its own port, 30000, without Serve's proxy hop (faster)."
 	@echo
 	$(PY) -m deployments.simulated_cluster deployments/demo.yaml --gpus T4 V100
 
