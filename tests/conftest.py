@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from llmpq_serve.spec import ClusterSpec, ModelSpec
@@ -22,6 +24,19 @@ def three_dev() -> ClusterSpec:
     return ClusterSpec.from_dict({"name": "three", "nodes": [
         {"name": "a", "devices": [{"type": "T4", "count": 2}]},
         {"name": "b", "devices": [{"type": "V100-SXM2-32GB", "count": 1}]}]})
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Quantized layers and indicators the tests make go to a temporary $LLMPQ_CACHE, not the user's ~/.cache; Ray
+    workers the tests start inherit it."""
+    old = os.environ.get("LLMPQ_CACHE")
+    os.environ["LLMPQ_CACHE"] = str(tmp_path_factory.mktemp("llmpq-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LLMPQ_CACHE", None)
+    else:
+        os.environ["LLMPQ_CACHE"] = old
 
 
 QUICK_DEMO = {"steps": 12, "train_chars": 200_000, "layers": 3}
