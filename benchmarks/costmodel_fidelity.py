@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.planner import Problem
 from llmpq_serve.runtime.local import local_engine
+from llmpq_serve.runtime.ring import free_port
 from llmpq_serve.runtime.sampling import SamplingParams
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
@@ -126,8 +127,6 @@ class RayApp:
     """A local Ray cluster whose node has one logical GPU of type CPU per stage, and Serve on a free port."""
 
     def __init__(self) -> None:
-        import socket
-
         import ray
         from ray import serve
         from ray.cluster_utils import Cluster
@@ -136,9 +135,7 @@ class RayApp:
         self.cluster.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:CPU": 2})
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, log_to_driver=False)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         self.url = f"http://127.0.0.1:{port}"
 

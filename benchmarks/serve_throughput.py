@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from llmpq_serve.runtime.ring import free_port
 
 
 def workload(tokenizer, requests: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -135,12 +136,6 @@ def baseline_run(path: Path, reqs: list[tuple[list[int], int]], batch: int) -> d
     return {"tokens": tokens, "wall_s": time.perf_counter() - start}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_demo(port: int, direct_port: int, prefill_micro_batch: int, decode_micro_batch: int) -> subprocess.Popen:
     """The demo app with a fixed even 2-stage split (the stages share this machine's CPU, so a split planned for
     the simulated GPU types would not be balanced here)."""
@@ -190,9 +185,9 @@ def main() -> int:
     server, url, proxy_url = None, args.url, None
     if url is None:
         # the router's own HTTP server (Serve's direct ingress) is the headline; the proxy actor's port is measured too
-        url, proxy_url = (f"http://127.0.0.1:{p}" for p in (free_port(), free_port()))
-        server = start_demo(int(proxy_url.rsplit(":", 1)[1]), int(url.rsplit(":", 1)[1]), args.prefill_micro_batch,
-                            args.decode_micro_batch)
+        direct_port, proxy_port = free_port(), free_port()
+        url, proxy_url = f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{proxy_port}"
+        server = start_demo(proxy_port, direct_port, args.prefill_micro_batch, args.decode_micro_batch)
     stream = not args.no_stream
     try:
         wait_ready(url)

@@ -20,16 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="Serve config file")
     parser.add_argument("--gpus", nargs="+", default=["T4", "V100"], help="one node per entry, typed so")
     parser.add_argument("--direct-port", type=int, default=30000,
-                        help="the router replica's own HTTP port (Serve's direct ingress, beside the proxy's; the next free one "
-                             "if taken)")
+                        help="the router replica's own HTTP port (Serve's direct ingress, beside the proxy's; "
+                             "the next free one if taken)")
     args = parser.parse_args(argv)
     from ray.cluster_utils import Cluster
 
     # a plain `kill` must tear the cluster down too, not only Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    # Serve's throughput-optimized mode (user code on the replica's own event loop, gRPC between replicas): a
-    # pipeline makes a handle call per stage per micro-batch, and on a small machine the default path's per-call
-    # cost, not the model, bounds tokens/s. Ray processes inherit it from this environment.
+    # Serve's throughput-optimized mode (user code on the replica's own event loop, gRPC between replicas): it cuts
+    # what every request and every control call costs, which on a small machine shows in tokens/s. Ray processes
+    # inherit it from this environment.
     os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
     # That mode also gives the ingress replica (the router) an HTTP server of its own, which load balancers (or
     # Serve's HAProxy mode) reach without the proxy actor's extra hop; pinning its port makes it known in advance.

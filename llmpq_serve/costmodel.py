@@ -3,9 +3,9 @@
 Time of one decoder layer comes from a measured table (profiles/<TYPE>.json) when one exists for the device type and
 the model's layer shape, and from a roofline over the GPU catalog otherwise, scaled, for a GPU, by how far the
 measured GPU tables that do exist sit from the roofline at the same bits and phase (the median ratio over all their
-points): measured kernels reach a different fraction of peak at each bit-width than any fixed assumption. Memory counts weights at their bit-width
-(packed words, scales, zero points), the KV cache of every request of the batch at full length, the peak activations
-of the largest micro-batch, and the runtime's fixed overhead."""
+points): measured kernels reach a different fraction of peak at each bit-width than any fixed assumption. Memory
+counts weights at their bit-width (packed words, scales, zero points), the KV cache of every request of the batch at
+full length, the peak activations of the largest micro-batch, and the runtime's fixed overhead."""
 
 from __future__ import annotations
 

@@ -208,8 +208,9 @@ def profile_head(hidden: int, vocab: int, batches: tuple[int, ...], device: torc
 
 
 def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 4096) -> TransferFit:
-    """Latency and bandwidth of handing an activation to the next stage: device -> host -> device on a GPU (the
-    path between Ray actors), serialisation round trip on the CPU; a straight line fitted over sizes."""
+    """Latency and bandwidth of handing an activation to the next stage: device -> host -> device on a GPU,
+    serialisation round trip on the CPU; a straight line fitted over sizes. Reported with the profile; the cost
+    model's transfer time comes from the catalog's links."""
     def hop(x: torch.Tensor) -> torch.Tensor:
         if device.type == "cuda":
             return x.to("cpu").to(device)

@@ -3,7 +3,6 @@ gloo groups. Its output equals the in-process transport's, a stage that fails a 
 requests, and messages keep their dtype, shape and metadata."""
 
 import asyncio
-import socket
 import threading
 
 import pytest
@@ -69,7 +68,7 @@ def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_check
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
     async def go():
-        first = await asyncio.gather(run_all_keep(engine, PROMPTS[:1], params), return_exceptions=True)
+        first = await asyncio.gather(run_all(engine, PROMPTS[:1], params), return_exceptions=True)
         second = await run_all(engine, PROMPTS[1:2], params)
         return first[0], second
 
@@ -79,21 +78,8 @@ def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_check
     assert engine.scheduler.pool.free == engine.scheduler.pool.slots
 
 
-async def run_all_keep(engine, prompts, params):
-    """run_all without stopping the scheduler afterwards."""
-    out = []
-    for i, p in enumerate(prompts):
-        toks = []
-        async for ev in engine.generate(engine.tokenizer(p).input_ids, params, f"k{i}"):
-            toks += ev.token_ids
-        out.append(toks)
-    return out
-
-
 def test_messages_keep_dtype_shape_and_metadata():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port = s.getsockname()[1]
+    port = ring.free_port(HOST)
     groups = {}
 
     def open_rank(rank):
@@ -146,7 +132,7 @@ def test_a_dead_stage_fails_what_is_in_flight_and_the_next_request_opens_a_new_r
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
     async def go():
-        first = await run_all_keep(engine, PROMPTS[:1], params)
+        first = await run_all(engine, PROMPTS[:1], params)
         stream = engine.generate(tokenizer(PROMPTS[1]).input_ids, params, "doomed")
         await anext(stream)
         procs[0].kill()

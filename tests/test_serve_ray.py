@@ -4,24 +4,18 @@ types, the Ray and local transports agree, the planner path deploys, and the API
 
 import asyncio
 import itertools
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from llmpq_serve.runtime.ring import free_port
 from tests.test_runtime import NEW, PROMPTS, hf_greedy, run_all
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 TYPES = ["T4", "T4", "V100"]  # stage i goes to TYPES[i]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

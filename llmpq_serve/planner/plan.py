@@ -68,7 +68,8 @@ class Plan(BaseModel):
     workload: Workload
     quality: QualityTarget
     indicator: str
-    latency_sources: dict[str, str] = Field(description="GPU type -> 'profile', 'roofline' or 'roofline, efficiencies fitted on <types>'")
+    latency_sources: dict[str, str] = Field(
+        description="GPU type -> 'profile', 'roofline' or 'roofline, efficiencies fitted on <types>'")
     stages: list[StagePlan]
     prefill_micro_batch: int
     decode_micro_batch: int

@@ -141,7 +141,7 @@ class RingChain:
         return await future
 
     async def _open(self) -> _Link:
-        port = _free_port(self._host)
+        port = free_port(self._host)
         opened = asyncio.get_running_loop().run_in_executor(None, connect, self._host, port, 0, self.stages + 1)
         await self._join(self._host, port)
         return _Link(await opened, self.stages, self.busy_s)
@@ -213,7 +213,8 @@ def _settle(future: asyncio.Future, result: Any) -> None:
     future.get_loop().call_soon_threadsafe(apply)
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` right now."""
     import socket
 
     with socket.socket() as s:
