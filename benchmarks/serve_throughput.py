@@ -136,7 +136,8 @@ def baseline_run(path: Path, reqs: list[tuple[list[int], int]], batch: int) -> d
     return {"tokens": tokens, "wall_s": time.perf_counter() - start}
 
 
-def start_demo(port: int, direct_port: int, prefill_micro_batch: int, decode_micro_batch: int) -> subprocess.Popen:
+def start_demo(port: int, direct_port: int, prefill_micro_batch: int, decode_micro_batch: int,
+               mixed_steps: bool = False) -> subprocess.Popen:
     """The demo app with a fixed even 2-stage split (the stages share this machine's CPU, so a split planned for
     the simulated GPU types would not be balanced here)."""
     config = yaml.safe_load((ROOT / "deployments" / "demo.yaml").read_text())
@@ -144,7 +145,8 @@ def start_demo(port: int, direct_port: int, prefill_micro_batch: int, decode_mic
     args = config["applications"][0]["args"]
     args.update({"stages": [{"accelerator_type": "T4", "layers": [0, 4]}, {"accelerator_type": "V100",
                                                                           "layers": [4, 8]}],
-                 "prefill_micro_batch": prefill_micro_batch, "decode_micro_batch": decode_micro_batch})
+                 "prefill_micro_batch": prefill_micro_batch, "decode_micro_batch": decode_micro_batch,
+                 "mixed_steps": mixed_steps})
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
     return subprocess.Popen([sys.executable, "-m", "deployments.simulated_cluster", f.name, "--gpus", "T4", "V100",
@@ -172,6 +174,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--prefill-micro-batch", type=int, default=4, help="of the started demo app")
     parser.add_argument("--decode-micro-batch", type=int, default=16, help="of the started demo app")
+    parser.add_argument("--mixed-steps", action="store_true", help="of the started demo app: prefills ride along "
+                        "with decode steps")
     parser.add_argument("--no-stream", action="store_true",
                         help="non-streaming requests (no TTFT/TPOT): shows what per-token streaming costs")
     parser.add_argument("--json", action="store_true")
@@ -187,7 +191,8 @@ def main() -> int:
         # the router's own HTTP server (Serve's direct ingress) is the headline; the proxy actor's port is measured too
         direct_port, proxy_port = free_port(), free_port()
         url, proxy_url = f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{proxy_port}"
-        server = start_demo(proxy_port, direct_port, args.prefill_micro_batch, args.decode_micro_batch)
+        server = start_demo(proxy_port, direct_port, args.prefill_micro_batch, args.decode_micro_batch,
+                            args.mixed_steps)
     stream = not args.no_stream
     try:
         wait_ready(url)

@@ -69,4 +69,5 @@ def build_app(args: dict[str, Any]) -> Application:
                                                                          quant, threads)
                for i, (ray_type, spec) in enumerate(stages)]
     return Router.bind(handles, str(path), config.model if config.model.startswith("demo-") else path.name, plan_doc,
-                       prefill_mb, decode_mb, max_batch, config.max_context, config.max_queue)
+                       prefill_mb, decode_mb, max_batch, config.max_context, config.max_queue,
+                       config.mixed_steps)

@@ -28,13 +28,14 @@ def ring_over(stages: list[DeploymentHandle]) -> RingChain:
 @serve.ingress()
 class Router:
     def __init__(self, stages: list[DeploymentHandle], path: str, model_name: str, plan: dict,
-                 prefill_micro_batch: int, decode_micro_batch: int, max_batch: int, max_seq: int, max_queue: int):
+                 prefill_micro_batch: int, decode_micro_batch: int, max_batch: int, max_seq: int, max_queue: int,
+                 mixed_steps: bool = False):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         self.stages = stages
         scheduler = Scheduler.for_batch(ring_over(stages), tokenizer, prefill_micro_batch, decode_micro_batch,
-                                        max_batch, max_seq, max_queue)
+                                        max_batch, max_seq, max_queue, mixed_steps)
         self.engine = PipelineEngine(scheduler, tokenizer, model_name, lambda: plan)
 
     def __serve_build_asgi_app__(self):

@@ -32,6 +32,7 @@ class ServeConfig(BaseModel):
     workload: Workload = Field(default_factory=lambda: Workload(batch_size=16, prompt_len=64, gen_len=64))
     max_context: int = Field(512, gt=0, description="prompt + max_tokens of one request")
     max_queue: int = Field(256, gt=0, description="waiting requests beyond which the router answers 429")
+    mixed_steps: bool = Field(False, description="prefills ride along with decode steps (less compute, more latency)")
     plan_time_limit: float = Field(10.0, gt=0)
     quant_method: Literal["awq", "rtn"] = "awq"
     group_size: int = Field(128, gt=0)

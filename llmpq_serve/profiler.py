@@ -38,7 +38,7 @@ from llmpq_serve.quant.groupwise import GroupQuant
 from llmpq_serve.quant.layout import linear_names
 from llmpq_serve.quant.linear import QuantLinear
 from llmpq_serve.runtime.kvcache import KVCache
-from llmpq_serve.runtime.layers import Rows, layer_forward, rotary
+from llmpq_serve.runtime.layers import Rows, layer_forward, rope_of, rotary
 from llmpq_serve.spec import ModelSpec
 
 BITS = (16, 8, 4, 3)
@@ -177,8 +177,8 @@ def profile_layer(shape: LayerShape, bits: int, grid: Grid, device: torch.device
                     rows = Rows(list(range(mb)), [0] * mb, [n] * mb).to(device)
                 else:
                     rows = Rows(list(range(mb)), [n] * mb, [1] * mb).to(device)
-                x = torch.randn(mb, rows.width, shape.hidden, device=device, dtype=dtype)
-                rope = None if rope_module is None else rope_module(x, rows.positions)
+                x = torch.randn(rows.tokens, shape.hidden, device=device, dtype=dtype)
+                rope = rope_of(rope_module, x, rows)
                 turn = itertools.cycle(range(copies))
 
                 def call(x=x, rope=rope, cache=cache, rows=rows, turn=turn):

@@ -125,9 +125,49 @@ def test_shard_logits_match_hf_for_ragged_prompts(demo_checkpoint):
     shard = StageShard(path, StageSpec(0, 3, (16, 16, 16), True, True))
     cache = shard.new_cache(3, 32)
     prompts = [torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 2)]
-    ids = torch.zeros(3, 11, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = p
-    logits = shard(ids, Rows([2, 0, 1], [0, 0, 0], [len(p) for p in prompts]), cache)
+    logits = shard(torch.cat(prompts), Rows([2, 0, 1], [0, 0, 0], [len(p) for p in prompts]), cache)
     for i, p in enumerate(prompts):
         torch.testing.assert_close(logits[i], hf(p[None]).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_one_micro_batch_may_mix_decode_rows_prefills_and_continued_prompts(demo_checkpoint):
+    """Packed rows: decode rows, a new prompt and a prompt continued from the cache (start > 0) in one pass give
+    the logits each would give alone."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpq_serve.runtime.layers import Rows
+    from llmpq_serve.runtime.shard import StageShard, StageSpec
+
+    path = demo_checkpoint("llama")
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    shard = StageShard(path, StageSpec(0, 3, (16, 16, 16), True, True))
+    cache = shard.new_cache(4, 32)
+    seqs = [torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(n)) for n in (6, 9, 7, 12)]
+    # slots 0 and 1 hold all but their last token, slot 3 its first 5: as if prefilled earlier
+    shard(torch.cat([seqs[0][:-1], seqs[1][:-1], seqs[3][:5]]), Rows([0, 1, 3], [0, 0, 0], [5, 8, 5]), cache)
+    mixed = Rows([1, 0, 2, 3], [8, 5, 0, 5], [1, 1, 7, 7])
+    logits = shard(torch.cat([seqs[1][-1:], seqs[0][-1:], seqs[2], seqs[3][5:]]), mixed, cache)
+    for row, seq in zip(logits, [seqs[1], seqs[0], seqs[2], seqs[3]]):
+        torch.testing.assert_close(row, hf(seq[None]).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_steps_carry_prefills_in_decode_steps_and_keep_the_tokens(demo_checkpoint):
+    from llmpq_serve.runtime.local import LocalChain
+
+    path = demo_checkpoint("llama")
+    engine = local_engine(path, even_stages(3, 2), prefill_micro_batch=2, decode_micro_batch=4, max_batch=4,
+                          max_seq=128, mixed_steps=True)
+    chain = engine.scheduler.chain
+    mixed = []
+    forward = chain.forward
+
+    async def recording(rows, x):
+        mixed.append(1 in rows.counts and any(n > 1 for n in rows.counts))
+        return await forward(rows, x)
+
+    chain.forward = recording
+    assert isinstance(chain, LocalChain)
+    got = asyncio.run(run_all(engine, PROMPTS, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True),
+                              stagger=True))
+    assert got == hf_greedy(path, PROMPTS)
+    assert any(mixed)

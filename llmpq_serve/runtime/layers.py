@@ -3,10 +3,17 @@
 The modules (and so the parameter names, the quantization code and the on-disk cache) are transformers' own; only
 the forward is ours, because a micro-batch mixes requests at different positions: each row has its own start
 position and number of new tokens, writes its keys and values into its own cache slot, and attends only to its own
-past. Padding rows and columns are masked, so a request's tokens never depend on who it is batched with."""
+past, so a request's tokens never depend on who it is batched with.
+
+Rows are packed: a micro-batch's activations are [tokens, hidden], row i's new tokens consecutive, no padding. The
+linear layers (nearly all the work) then run once over every token of the micro-batch, whether a row is decoding
+one token or prefilling a whole prompt; so a new request's prefill can ride along with a decode step and share its
+weight reads. Attention is per row: decode rows (one new token) together in one batched call, prefill rows each on
+their own."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,53 +34,77 @@ class Rows:
     counts: list[int]
 
     def __post_init__(self) -> None:
-        self.width = max(self.counts)
-        self.span = max(s + n for s, n in zip(self.starts, self.counts))  # keys any row attends to
-        steps = torch.arange(self.width)
-        starts = torch.tensor(self.starts)[:, None]
-        counts = torch.tensor(self.counts)[:, None]
-        # padding steps repeat the row's last real position: harmless and inside the cache
-        self.positions = starts + torch.minimum(steps[None], counts - 1)
-        keys = torch.arange(self.span)
-        self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # [B, 1, T, span]
-        self.slot_index = torch.tensor(self.slots)
-        self.contiguous = self.slots == list(range(self.slots[0], self.slots[0] + len(self.slots)))
-        self.decode = self.width == 1
+        ends = list(itertools.accumulate(self.counts))
+        self.tokens = ends[-1]
+        self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, self.counts)])
+        self.last = torch.tensor(ends) - 1  # each row's last token in the packed tensor
+        one = [i for i, n in enumerate(self.counts) if n == 1]
+        self.decode = len(one) == len(self.counts)  # then token i is row i
+        self.one_token = self.last[one]
+        self.one_slots = torch.tensor([self.slots[i] for i in one], dtype=torch.long)
+        self.one_starts = torch.tensor([self.starts[i] for i in one], dtype=torch.long)
+        # the keys any one-token row attends to; shorter rows mask the rest
+        self.one_span = max((self.starts[i] + 1 for i in one), default=0)
+        self.one_mask = (torch.arange(self.one_span)[None] <= self.one_starts[:, None])[:, None, None]
+        first_slot = self.slots[one[0]] if one else 0
+        self.one_contiguous = [self.slots[i] for i in one] == list(range(first_slot, first_slot + len(one)))
+        # rows with several new tokens: (slot, start, count, offset in the packed tensor)
+        self.many = [(self.slots[i], self.starts[i], n, ends[i] - n) for i, n in enumerate(self.counts) if n > 1]
 
     def to(self, device: torch.device) -> Rows:
-        self.positions, self.mask = self.positions.to(device), self.mask.to(device)
-        self.slot_index = self.slot_index.to(device)
+        for name in ("positions", "last", "one_token", "one_slots", "one_starts", "one_mask"):
+            setattr(self, name, getattr(self, name).to(device))
         return self
 
     def last_token(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row's last real step: [B, T, ...] -> [B, ...]."""
-        return x[torch.arange(x.shape[0], device=x.device), torch.tensor(self.counts, device=x.device) - 1]
+        """Each row's last new token: [tokens, ...] -> [rows, ...]."""
+        return x if self.decode else x[self.last]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int, rows: Rows) -> torch.Tensor:
-    """q [B, H, T, d], k/v [B, KV, T, d] of the new tokens -> attention output [B, T, H*d]; stores k/v in the cache."""
+    """q [tokens, H, d], k/v [tokens, KV, d] of the new tokens -> attention output [tokens, H*d]; stores k/v in the
+    cache."""
     ck, cv = cache.k[layer], cache.v[layer]
-    if rows.decode:
-        starts = rows.positions[:, 0]
-        ck[rows.slot_index, :, starts] = k[:, :, 0].to(ck.dtype)
-        cv[rows.slot_index, :, starts] = v[:, :, 0].to(cv.dtype)
-    else:
-        for i, (slot, start, n) in enumerate(zip(rows.slots, rows.starts, rows.counts)):
-            ck[slot, :, start:start + n] = k[i, :, :n].to(ck.dtype)
-            cv[slot, :, start:start + n] = v[i, :, :n].to(cv.dtype)
-    if rows.contiguous:  # a view, no copy
-        s0 = rows.slots[0]
-        keys, values = ck[s0:s0 + len(rows.slots), :, :rows.span], cv[s0:s0 + len(rows.slots), :, :rows.span]
-    else:
-        keys, values = ck[rows.slot_index, :, :rows.span], cv[rows.slot_index, :, :rows.span]
-    out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=rows.mask,
-                                         enable_gqa=q.shape[1] != keys.shape[1])
-    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    gqa = q.shape[1] != k.shape[1]
+    out = None if rows.decode else torch.empty_like(q)
+    if len(rows.one_slots):
+        q1, k1, v1 = (q, k, v) if rows.decode else (q[rows.one_token], k[rows.one_token], v[rows.one_token])
+        ck[rows.one_slots, :, rows.one_starts] = k1.to(ck.dtype)
+        cv[rows.one_slots, :, rows.one_starts] = v1.to(cv.dtype)
+        if rows.one_contiguous:  # a view, no copy
+            s0, n = int(rows.one_slots[0]), len(rows.one_slots)
+            keys, values = ck[s0:s0 + n, :, :rows.one_span], cv[s0:s0 + n, :, :rows.one_span]
+        else:
+            keys, values = ck[rows.one_slots, :, :rows.one_span], cv[rows.one_slots, :, :rows.one_span]
+        o = F.scaled_dot_product_attention(q1[:, :, None], keys.to(q.dtype), values.to(q.dtype),
+                                           attn_mask=rows.one_mask, enable_gqa=gqa)[:, :, 0]
+        if rows.decode:
+            return o.reshape(o.shape[0], -1)
+        out[rows.one_token] = o
+    for slot, start, n, at in rows.many:
+        ck[slot, :, start:start + n] = k[at:at + n].transpose(0, 1).to(ck.dtype)
+        cv[slot, :, start:start + n] = v[at:at + n].transpose(0, 1).to(cv.dtype)
+        keys, values = ck[slot, :, :start + n].to(q.dtype), cv[slot, :, :start + n].to(q.dtype)
+        # a row that starts at 0 sees exactly its own tokens causally; one that continues a cache needs an offset
+        mask = None if start == 0 else (torch.arange(start + n, device=q.device)[None]
+                                        <= torch.arange(start, start + n, device=q.device)[:, None])
+        o = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1), keys, values, attn_mask=mask,
+                                           is_causal=start == 0, enable_gqa=gqa)
+        out[at:at + n] = o.transpose(0, 1)
+    return out.reshape(out.shape[0], -1)
+
+
+def rope_of(rotary_module: nn.Module | None, x: torch.Tensor, rows: Rows
+            ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """cos and sin [tokens, 1, d] at each packed token's position; None for learned positions."""
+    if rotary_module is None:
+        return None
+    cos, sin = rotary_module(x, rows.positions[None])
+    return cos[0, :, None], sin[0, :, None]
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    b, t, _ = x.shape
-    return x.view(b, t, -1, head_dim).transpose(1, 2)
+    return x.view(x.shape[0], -1, head_dim)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +118,7 @@ def llama_layer(layer: nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, tor
     attn, mlp = layer.self_attn, layer.mlp
     h = layer.input_layernorm(x)
     q, k, v = (_heads(p(h), head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    cos, sin = (t.unsqueeze(1).to(q.dtype) for t in rope)
+    cos, sin = (t.to(q.dtype) for t in rope)
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
     x = x + attn.o_proj(attend(q, k, v, cache, index, rows))
     h = layer.post_attention_layernorm(x)

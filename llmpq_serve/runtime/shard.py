@@ -13,7 +13,7 @@ from llmpq_serve.checkpoint import load_stage_model
 from llmpq_serve.quant.apply import QuantCache, load_layer_state, model_id
 from llmpq_serve.quant.calibration import decoder_layers
 from llmpq_serve.runtime.kvcache import KVCache
-from llmpq_serve.runtime.layers import Rows, head_dim_of, layer_forward, rotary
+from llmpq_serve.runtime.layers import Rows, head_dim_of, layer_forward, rope_of, rotary
 from llmpq_serve.spec import ModelSpec
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
@@ -110,11 +110,11 @@ class StageShard(nn.Module):
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, rows: Rows, cache: KVCache) -> torch.Tensor:
-        """First stage: token ids [B, T]; others: hidden states [B, T, H]. Returns hidden states for the next stage,
-        or on the last stage the fp32 logits [B, vocab] of each row's last token."""
+        """First stage: the rows' new token ids, packed [tokens]; others: hidden states [tokens, H]. Returns hidden
+        states for the next stage, or on the last stage the fp32 logits [rows, vocab] of each row's last token."""
         rows = rows.to(self.device)
         x = self._embed(x.to(self.device), rows) if self.stage.first else x.to(self.device, self.dtype)
-        rope = None if self.rotary is None else self.rotary(x, rows.positions)
+        rope = rope_of(self.rotary, x, rows)
         for i, layer in enumerate(self.layers):
             x = self.forward_layer(layer, x, rope, cache, i, rows)
         if not self.stage.last:
