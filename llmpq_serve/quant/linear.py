@@ -1,10 +1,10 @@
 """A linear layer that holds its weight at 16, 8, 4 or 3 bits and runs on torch's own weight-only kernels.
 
 - 16: the float weight.
-- 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm` on CPU; on CUDA, which has no weight-only
+- 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm` on CPU (bf16 activations); on CUDA, which has no weight-only
   int8 kernel in torch, the int8 weight is widened to the activation dtype at each call.
 - 4: group-wise with zero points, packed for torch's int4 kernel of the device the weight lives on
-  (`_weight_int4pack_mm_for_cpu`, or `_weight_int4pack_mm` with bf16 activations on CUDA).
+  (`_weight_int4pack_mm_for_cpu`, or `_weight_int4pack_mm` on CUDA; bf16 activations on both).
 - 3: no kernel exists: values packed densely into int32 words (compressed-tensors' layout, 3 bits each), unpacked
   and dequantized at each call. Memory stays at 3 bits; time pays for the unpacking.
 
@@ -21,6 +21,10 @@ from torch import nn
 from llmpq_serve.quant.groupwise import GroupQuant, quantize, quantize_int8
 
 CUDA_INNER_K_TILES = 8  # the int4 CUDA kernel's tiling: in_features must be a multiple of 16 * this
+# torch's CPU int8/int4 weight-only kernels are vectorised for bf16 activations; with fp32 ones they were 17-70x
+# slower on an AVX2 CPU (micro-batch 1-56, 256x768), so activations cross them in bf16 (0.3% relative error, well
+# under the weights' own quantization error) and the output returns to the layer's dtype
+CPU_KERNEL_DTYPE = torch.bfloat16
 
 
 class QuantLinear(nn.Module):
@@ -112,7 +116,7 @@ class QuantLinear(nn.Module):
         if self.bits == 8 and flat.is_cuda:
             y = F.linear(flat, self.qweight.to(flat.dtype)) * self.scale.to(flat.dtype)
         elif self.bits == 8:
-            y = torch._weight_int8pack_mm(flat.float(), self.qweight, self.scale)
+            y = torch._weight_int8pack_mm(flat.to(CPU_KERNEL_DTYPE), self.qweight, self.scale.to(CPU_KERNEL_DTYPE))
         elif self.bits == 4:
             y = self._int4_mm(flat, self.scales_and_zeros)
         else:
@@ -124,7 +128,8 @@ class QuantLinear(nn.Module):
         if x.is_cuda:
             return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.qweight, self.group_size,
                                                       scales_and_zeros)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.float(), self.qweight, self.group_size, scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(CPU_KERNEL_DTYPE), self.qweight, self.group_size,
+                                                          scales_and_zeros.to(CPU_KERNEL_DTYPE))
 
     def _dequantize_3bit(self) -> torch.Tensor:
         shape = torch.Size([self.out_features, self.in_features])

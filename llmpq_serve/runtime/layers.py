@@ -7,9 +7,9 @@ past, so a request's tokens never depend on who it is batched with.
 
 Rows are packed: a micro-batch's activations are [tokens, hidden], row i's new tokens consecutive, no padding. The
 linear layers (nearly all the work) then run once over every token of the micro-batch, whether a row is decoding
-one token or prefilling a whole prompt; so a new request's prefill can ride along with a decode step and share its
-weight reads. Attention is per row: decode rows (one new token) together in one batched call, prefill rows each on
-their own."""
+one token or prefilling a whole prompt, and padding costs nothing there; so a new request's prefill can also ride
+along with a decode step and share its weight reads. Attention runs in at most two batched calls: one-token rows
+together, longer rows padded to the longest of them (attention is a small share of the work)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,37 @@ from torch import nn
 from llmpq_serve.runtime.kvcache import KVCache
 
 
+class RowGroup:
+    """Rows that attend in one batched call: their tokens padded to [rows, steps] (a padding step repeats the row's
+    last real token, so it stays inside the cache and is dropped afterwards), and the keys each step may see."""
+
+    def __init__(self, slots: list[int], starts: list[int], counts: list[int], offsets: list[int]):
+        width = max(counts)
+        if width == 1:  # decode rows: nothing to pad (the common case, kept cheap)
+            self.packed = torch.tensor(offsets)
+            self.index, self.real = self.packed[:, None], torch.arange(len(offsets))
+            positions = torch.tensor(starts)[:, None]
+        else:
+            steps = torch.arange(width)
+            counts_t = torch.tensor(counts)[:, None]
+            last_step = torch.minimum(steps[None], counts_t - 1)
+            self.index = torch.tensor(offsets)[:, None] + last_step  # [rows, steps] into the packed tokens
+            positions = torch.tensor(starts)[:, None] + last_step
+            real = steps[None] < counts_t
+            self.real = real.flatten().nonzero().flatten()  # the real steps, in packed order
+            self.packed = self.index[real]
+        self.span = max(s + n for s, n in zip(starts, counts))
+        self.mask = (torch.arange(self.span)[None, None] <= positions[:, :, None])[:, None]  # [rows, 1, steps, span]
+        self.slots = torch.tensor(slots)
+        self.first_slot = slots[0]
+        self.contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+
+    def to(self, device: torch.device) -> RowGroup:
+        for name in ("index", "mask", "slots", "real", "packed"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
 @dataclass
 class Rows:
     """Where a micro-batch's rows sit: cache slot, first new position and number of new tokens of each row."""
@@ -34,26 +65,30 @@ class Rows:
     counts: list[int]
 
     def __post_init__(self) -> None:
+        self.decode = all(n == 1 for n in self.counts)  # the common case, kept cheap: token i is row i
+        if self.decode:
+            self.tokens = len(self.counts)
+            self.positions = torch.tensor(self.starts)
+            self.token_slots = torch.tensor(self.slots)
+            self.groups = [RowGroup(self.slots, self.starts, self.counts, list(range(self.tokens)))]
+            return
         ends = list(itertools.accumulate(self.counts))
         self.tokens = ends[-1]
         self.positions = torch.cat([torch.arange(s, s + n) for s, n in zip(self.starts, self.counts)])
+        self.token_slots = torch.repeat_interleave(torch.tensor(self.slots), torch.tensor(self.counts))
         self.last = torch.tensor(ends) - 1  # each row's last token in the packed tensor
-        one = [i for i, n in enumerate(self.counts) if n == 1]
-        self.decode = len(one) == len(self.counts)  # then token i is row i
-        self.one_token = self.last[one]
-        self.one_slots = torch.tensor([self.slots[i] for i in one], dtype=torch.long)
-        self.one_starts = torch.tensor([self.starts[i] for i in one], dtype=torch.long)
-        # the keys any one-token row attends to; shorter rows mask the rest
-        self.one_span = max((self.starts[i] + 1 for i in one), default=0)
-        self.one_mask = (torch.arange(self.one_span)[None] <= self.one_starts[:, None])[:, None, None]
-        first_slot = self.slots[one[0]] if one else 0
-        self.one_contiguous = [self.slots[i] for i in one] == list(range(first_slot, first_slot + len(one)))
-        # rows with several new tokens: (slot, start, count, offset in the packed tensor)
-        self.many = [(self.slots[i], self.starts[i], n, ends[i] - n) for i, n in enumerate(self.counts) if n > 1]
+        # one-token rows attend together without padding; longer rows are padded to the longest of them
+        self.groups = []
+        for rows in ([i for i, n in enumerate(self.counts) if n == 1], [i for i, n in enumerate(self.counts) if n > 1]):
+            if rows:
+                self.groups.append(RowGroup([self.slots[i] for i in rows], [self.starts[i] for i in rows],
+                                            [self.counts[i] for i in rows], [ends[i] - self.counts[i] for i in rows]))
 
     def to(self, device: torch.device) -> Rows:
-        for name in ("positions", "last", "one_token", "one_slots", "one_starts", "one_mask"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.positions, self.token_slots = self.positions.to(device), self.token_slots.to(device)
+        if not self.decode:
+            self.last = self.last.to(device)
+        self.groups = [g.to(device) for g in self.groups]
         return self
 
     def last_token(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,33 +100,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, la
     """q [tokens, H, d], k/v [tokens, KV, d] of the new tokens -> attention output [tokens, H*d]; stores k/v in the
     cache."""
     ck, cv = cache.k[layer], cache.v[layer]
-    gqa = q.shape[1] != k.shape[1]
-    out = None if rows.decode else torch.empty_like(q)
-    if len(rows.one_slots):
-        q1, k1, v1 = (q, k, v) if rows.decode else (q[rows.one_token], k[rows.one_token], v[rows.one_token])
-        ck[rows.one_slots, :, rows.one_starts] = k1.to(ck.dtype)
-        cv[rows.one_slots, :, rows.one_starts] = v1.to(cv.dtype)
-        if rows.one_contiguous:  # a view, no copy
-            s0, n = int(rows.one_slots[0]), len(rows.one_slots)
-            keys, values = ck[s0:s0 + n, :, :rows.one_span], cv[s0:s0 + n, :, :rows.one_span]
-        else:
-            keys, values = ck[rows.one_slots, :, :rows.one_span], cv[rows.one_slots, :, :rows.one_span]
-        o = F.scaled_dot_product_attention(q1[:, :, None], keys.to(q.dtype), values.to(q.dtype),
-                                           attn_mask=rows.one_mask, enable_gqa=gqa)[:, :, 0]
-        if rows.decode:
-            return o.reshape(o.shape[0], -1)
-        out[rows.one_token] = o
-    for slot, start, n, at in rows.many:
-        ck[slot, :, start:start + n] = k[at:at + n].transpose(0, 1).to(ck.dtype)
-        cv[slot, :, start:start + n] = v[at:at + n].transpose(0, 1).to(cv.dtype)
-        keys, values = ck[slot, :, :start + n].to(q.dtype), cv[slot, :, :start + n].to(q.dtype)
-        # a row that starts at 0 sees exactly its own tokens causally; one that continues a cache needs an offset
-        mask = None if start == 0 else (torch.arange(start + n, device=q.device)[None]
-                                        <= torch.arange(start, start + n, device=q.device)[:, None])
-        o = F.scaled_dot_product_attention(q[at:at + n].transpose(0, 1), keys, values, attn_mask=mask,
-                                           is_causal=start == 0, enable_gqa=gqa)
-        out[at:at + n] = o.transpose(0, 1)
-    return out.reshape(out.shape[0], -1)
+    ck[rows.token_slots, :, rows.positions] = k.to(ck.dtype)
+    cv[rows.token_slots, :, rows.positions] = v.to(cv.dtype)
+    if rows.decode:
+        return _attend_group(q[:, None], ck, cv, rows.groups[0]).reshape(q.shape[0], -1)
+    out = torch.empty_like(q)
+    for g in rows.groups:
+        out[g.packed] = _attend_group(q[g.index], ck, cv, g)[g.real]
+    return out.reshape(q.shape[0], -1)
+
+
+def _attend_group(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, g: RowGroup) -> torch.Tensor:
+    """q [rows, steps, H, d] -> [rows * steps, H, d]."""
+    if g.contiguous:  # a view, no copy
+        keys, values = (c[g.first_slot:g.first_slot + q.shape[0], :, :g.span] for c in (ck, cv))
+    else:
+        keys, values = ck[g.slots, :, :g.span], cv[g.slots, :, :g.span]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype), attn_mask=g.mask,
+                                       enable_gqa=q.shape[2] != keys.shape[1])
+    return o.transpose(1, 2).reshape(-1, *q.shape[2:])
 
 
 def rope_of(rotary_module: nn.Module | None, x: torch.Tensor, rows: Rows
