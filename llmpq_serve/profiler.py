@@ -83,7 +83,7 @@ def measure(fn: Callable[[], object], device: torch.device, samples: int = 7,
     _sync(device)
     once = max(time.perf_counter() - start, 1e-7)
     inner = max(1, min(1000, int(sample_s / once)))
-    if once > 0.1:  # slow points (int4 prefill on a CPU core): fewer samples, their spread is small anyway
+    if once > 0.1:  # slow points (3-bit prefill on a CPU core): fewer samples, their spread is small anyway
         samples = min(samples, 3)
     times = []
     for _ in range(samples):
