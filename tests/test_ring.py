@@ -3,9 +3,6 @@ gloo groups. Its output equals the in-process transport's, a stage that fails a 
 requests, and messages keep their dtype, shape and metadata."""
 
 import asyncio
-import ctypes
-import glob
-import os
 import threading
 
 import pytest
@@ -152,36 +149,3 @@ def test_a_dead_stage_fails_what_is_in_flight_and_the_next_request_opens_a_new_r
         for p in procs:
             p.kill()
             p.join(timeout=30)
-
-
-def omp_max_threads() -> int | None:
-    """What OpenMP will really use in the calling thread (torch.get_num_threads() reports a process-wide value)."""
-    lib = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*"))
-    return ctypes.CDLL(lib[0]).omp_get_max_threads() if lib else None
-
-
-@pytest.mark.skipif(omp_max_threads() is None or (os.cpu_count() or 1) < 2, reason="needs torch's libgomp, 2 cores")
-def test_stage_threads_run_with_the_thread_count_their_creator_set(demo_checkpoint):
-    """OpenMP's thread count is per thread: a stage loop or local worker thread would otherwise use every core."""
-    path = demo_checkpoint("llama")
-    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-    seen = []
-
-    def wrap(k, run):
-        def recording(rows, x):
-            seen.append(omp_max_threads())
-            return run(rows, x)
-
-        return recording
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        asyncio.run(run_all(ring_engine(path, even_stages(3, 2), 1, 1, 1, 64, wrap), PROMPTS[:1], params))
-        local = local_engine(path, even_stages(3, 2), 1, 1, 1, 64)
-        for k, runner in enumerate(local.scheduler.chain.runners):
-            runner.run = wrap(k, runner.run)
-        asyncio.run(run_all(local, PROMPTS[:1], params))
-    finally:
-        torch.set_num_threads(before)
-    assert len(seen) == 8 and set(seen) == {1}

@@ -47,7 +47,6 @@ class LocalChain:
     def __init__(self, runners: list[StageRunner]):
         self.runners = runners
         self.stages = len(runners)
-        self.threads = torch.get_num_threads()  # per stage; worker threads do not inherit it (OpenMP's is per thread)
         self.busy_s = [0.0] * self.stages
         self._locks = [asyncio.Lock() for _ in runners]
 
@@ -56,14 +55,9 @@ class LocalChain:
         for k, runner in enumerate(self.runners):
             async with self._locks[k]:
                 start = loop.time()
-                x = await asyncio.to_thread(self._run, runner, rows, x)
+                x = await asyncio.to_thread(runner.run, rows, x)
                 self.busy_s[k] += loop.time() - start
         return x
-
-
-    def _run(self, runner: StageRunner, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
-        torch.set_num_threads(self.threads)
-        return runner.run(rows, x)
 
 
 def local_engine(path: str | Path, stages: list[StageSpec], prefill_micro_batch: int, decode_micro_batch: int,

@@ -80,7 +80,6 @@ class StageLoop:
 
     def __init__(self, run: Callable[[Any, torch.Tensor], torch.Tensor], index: int, stages: int):
         self.run, self.index, self.stages = run, index, stages
-        self.threads = torch.get_num_threads()  # the creator's setting, which a new thread does not inherit
         self.thread: threading.Thread | None = None
 
     def start(self, host: str, port: int) -> None:
@@ -89,9 +88,6 @@ class StageLoop:
         self.thread.start()
 
     def _serve(self, host: str, port: int) -> None:
-        # OpenMP's thread count is per thread: without this the loop runs every op on all cores, and stages that
-        # share a machine fight over them
-        torch.set_num_threads(self.threads)
         rank, world = self.index + 1, self.stages + 1
         try:
             group = connect(host, port, rank, world)
