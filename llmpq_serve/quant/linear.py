@@ -1,8 +1,8 @@
 """A linear layer that holds its weight at 16, 8, 4 or 3 bits and runs on torch's own weight-only kernels.
 
 - 16: the float weight.
-- 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm` on CPU (bf16 activations); on CUDA, which has no weight-only
-  int8 kernel in torch, the int8 weight is widened to the activation dtype at each call.
+- 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm` on CPU (bf16 activations); on CUDA, which
+  has no weight-only int8 kernel in torch, the int8 weight is widened to the activation dtype at each call.
 - 4: group-wise with zero points, packed for torch's int4 kernel of the device the weight lives on
   (`_weight_int4pack_mm_for_cpu`, or `_weight_int4pack_mm` on CUDA; bf16 activations on both).
 - 3: no kernel exists: values packed densely into int32 words (compressed-tensors' layout, 3 bits each), unpacked

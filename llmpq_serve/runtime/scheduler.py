@@ -37,9 +37,9 @@ class RowsSpec:
 
 
 class StageChain(Protocol):
-    """The transport: runs micro-batch `rows` with input `x` (the rows' new token ids, packed [tokens]) through every stage, each stage
-    taking micro-batches one at a time in the order they were given, and returns the last stage's logits [B, vocab]
-    of each row's last token. `busy_s[k]`: seconds stage k has spent running micro-batches."""
+    """The transport: runs micro-batch `rows` with input `x` (the rows' new token ids, packed [tokens]) through
+    every stage, each stage taking micro-batches one at a time in the order they were given, and returns the last
+    stage's logits [B, vocab] of each row's last token. `busy_s[k]`: seconds stage k has spent running micro-batches."""
 
     stages: int
     busy_s: list[float]
