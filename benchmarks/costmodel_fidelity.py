@@ -9,7 +9,15 @@ Stages are CPU devices of one thread each (the catalog's CPU entry; latencies fr
 2-core machine. The prediction is the planner's own (Problem.evaluate). Transports: "local" (the runtime in this
 process, stages in threads) and "ray" (the Serve app on a local Ray cluster whose node declares logical GPUs of type
 CPU: stage deployments, the stage ring, the router, timed over HTTP on its own server). Prints {"cases": [...],
-"median_abs_rel_error", "max_abs_rel_error"}."""
+"median_abs_rel_error", "max_abs_rel_error"}.
+
+    python benchmarks/costmodel_fidelity.py --stack llama-3-8b --device cuda --json
+
+runs the same comparison on one real-size layer stack instead: a checkpoint of the named model's layer shape, vocabulary
+and `--stack-layers` decoder layers with random weights (latency does not depend on their values), saved and loaded by
+path like any other, on one stage of the local device (int8/int4 layers round-to-nearest quantized through the
+runtime's own quantization cache). The prediction uses the device's table in `--profiles`, so profile that shape on
+the same device first (`llmpq profile --model llama-3-8b`)."""
 
 from __future__ import annotations
 
@@ -27,15 +35,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmpq_serve import catalog
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.planner import Problem
+from llmpq_serve.profile_table import LayerShape
+from llmpq_serve.profiler import detect_device_type, hf_config
 from llmpq_serve.runtime.local import local_engine
 from llmpq_serve.runtime.ring import free_port
 from llmpq_serve.runtime.sampling import SamplingParams
-from llmpq_serve.runtime.shard import QuantOptions, StageSpec
+from llmpq_serve.runtime.shard import QuantOptions, StageSpec, runtime_dtype
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
 
 WORKLOAD = Workload(batch_size=8, prompt_len=32, gen_len=16)
+STACK_WORKLOAD = Workload(batch_size=16, prompt_len=256, gen_len=32)
 # (demo model, [(first layer, end layer, bits per layer)], prefill micro-batch, decode micro-batch)
 CASES = [
     ("llama", [(0, 8, [16] * 8)], 4, 8),
@@ -49,15 +61,22 @@ RAY_CASES = [
     ("llama", [(0, 4, [16] * 4), (4, 8, [16] * 4)], 2, 4),
     ("opt", [(0, 3, [16, 3, 3]), (3, 8, [16] * 5)], 4, 8),
 ]
+# (bits of the stack's first half, of its second half, prefill micro-batch, decode micro-batch), all on one stage:
+# a second stage on the same GPU would not run beside the first, as the cost model assumes of stages
+STACK_CASES = [(16, 16, 4, 16), (16, 16, 8, 4), (16, 8, 4, 16), (16, 4, 2, 8), (8, 4, 8, 16)]
 
 
-def predict(path: Path, stages: list, pmb: int, dmb: int, profiles: Path) -> dict:
+def predict(path: Path, stages: list, pmb: int, dmb: int, profiles: Path, workload: Workload = WORKLOAD,
+            device: str = "cpu") -> dict:
     model = ModelSpec.from_checkpoint(path)
-    cluster = ClusterSpec.from_dict({"name": "cpu", "devices": [{"type": "CPU", "count": len(stages)}]})
-    cost = CostModel(model, CostConfig(profiles_dir=profiles, act_bytes=4, float_bytes=4, kv_bytes=4))
-    problem = Problem(model, cluster, WORKLOAD, cost=cost)
+    dev = torch.device(device)
+    elem = runtime_dtype(dev).itemsize
+    gpu = catalog.gpus_for_ray_type(detect_device_type(dev)[0])[0]  # the profile is filed under the Ray type
+    cluster = ClusterSpec.from_dict({"name": "local", "devices": [{"type": gpu, "count": len(stages)}]})
+    cost = CostModel(model, CostConfig(profiles_dir=profiles, act_bytes=elem, float_bytes=elem, kv_bytes=elem))
+    problem = Problem(model, cluster, workload, cost=cost)
     pred, _ = problem.evaluate(list(cluster.devices), [bits for _, _, bits in stages], pmb, dmb)
-    return {"prefill_s": pred.prefill_s, "decode_per_token_s": pred.decode_s / (WORKLOAD.gen_len - 1),
+    return {"prefill_s": pred.prefill_s, "decode_per_token_s": pred.decode_s / (workload.gen_len - 1),
             "latency_s": pred.latency_s, "source": cost.latency_source(cluster.devices[0].spec)}
 
 
@@ -88,39 +107,98 @@ async def timed_http(url: str, prompts: list[list[int]], max_tokens: int) -> flo
     return elapsed
 
 
-def prompts_for(path: Path) -> list[list[int]]:
+def prompts_for(path: Path, workload: Workload = WORKLOAD) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     from llmpq_serve.demo_model import held_out_tokens
 
-    data = held_out_tokens(AutoTokenizer.from_pretrained(str(path)), max_chars=50_000)
-    p = WORKLOAD.prompt_len
-    return [data[i * p:(i + 1) * p].tolist() for i in range(WORKLOAD.batch_size)]
+    p, n = workload.prompt_len, workload.batch_size
+    data = held_out_tokens(AutoTokenizer.from_pretrained(str(path)), max_chars=p * n * 12)
+    return [data[i * p:(i + 1) * p].tolist() for i in range(n)]
 
 
 async def repeat(run: Callable[[list[list[int]], int], Awaitable[float]], prompts: list[list[int]],
-                 repeats: int) -> dict:
+                 repeats: int, gen_len: int = WORKLOAD.gen_len) -> dict:
     """Median prefill time (one token each), end-to-end time (gen_len tokens each) and decode time per token."""
     await run(prompts, 2)  # warm-up
     prefill, total = [], []
     for _ in range(repeats):
         prefill.append(await run(prompts, 1))
-        total.append(await run(prompts, WORKLOAD.gen_len))
+        total.append(await run(prompts, gen_len))
     pre, tot = statistics.median(prefill), statistics.median(total)
-    return {"prefill_s": pre, "decode_per_token_s": (tot - pre) / (WORKLOAD.gen_len - 1), "latency_s": tot}
+    return {"prefill_s": pre, "decode_per_token_s": (tot - pre) / (gen_len - 1), "latency_s": tot}
 
 
-def measure_local(path: Path, stages: list, pmb: int, dmb: int, repeats: int) -> dict:
-    engine = local_engine(path, StageSpec.chain(stages), pmb, dmb, WORKLOAD.batch_size, WORKLOAD.max_len,
-                          quant=QuantOptions())
+def measure_local(path: Path, stages: list, pmb: int, dmb: int, repeats: int, workload: Workload = WORKLOAD,
+                  device: str = "cpu", quant: QuantOptions | None = None) -> dict:
+    engine = local_engine(path, StageSpec.chain(stages), pmb, dmb, workload.batch_size, workload.max_len,
+                          device=device, quant=quant or QuantOptions())
 
     async def run() -> dict:
         try:
-            return await repeat(lambda prompts, n: timed(engine, prompts, n), prompts_for(path), repeats)
+            return await repeat(lambda prompts, n: timed(engine, prompts, n), prompts_for(path, workload), repeats,
+                                workload.gen_len)
         finally:
             await engine.scheduler.stop()
 
     return asyncio.run(run())
+
+
+def build_stack(shape_of: str, layers: int, out: Path, device: str) -> Path:
+    """A checkpoint of `layers` decoder layers of the model's shape, its vocabulary, random weights and a small
+    tokenizer (greedy ids outside it decode to nothing, which costs the same)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpq_serve.demo_model import read_texts, stdlib_files, train_tokenizer
+
+    spec = ModelSpec.resolve(shape_of)
+    _, config = hf_config(LayerShape.of(spec), vocab=spec.vocab)
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=runtime_dtype(torch.device(device)))
+    model.save_pretrained(out)
+    train_tokenizer(read_texts(stdlib_files()[0], 300_000), 512).save_pretrained(out)
+    return out
+
+
+def run_stack(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
+    """The stack suite: (cases, absolute relative errors)."""
+    import tempfile
+
+    from llmpq_serve.quant.apply import QuantCache, model_id
+    from llmpq_serve.runtime.quantized import ensure_quantized
+
+    cases, errors = [], []
+    with tempfile.TemporaryDirectory(prefix="llmpq-stack-") as tmp:
+        path = build_stack(args.stack, args.stack_layers, Path(tmp) / "stack", args.device)
+        quant = QuantOptions(method="rtn", cache_dir=Path(tmp) / "quantized")
+        n, half = args.stack_layers, args.stack_layers // 2
+        plans = [([(0, n, [first] * half + [second] * (n - half))], pmb, dmb)
+                 for first, second, pmb, dmb in STACK_CASES]
+        # one pass over the full model for every quantized layer of every case, not one per case
+        todo = sorted({(i, b) for stages, _, _ in plans for _, _, bits in stages for i, b in enumerate(bits) if b != 16})
+        ensure_quantized(path, ModelSpec.from_checkpoint(path).arch, todo, quant, QuantCache(quant.cache_dir),
+                         model_id(path))
+        for stages, pmb, dmb in plans:
+            pred = predict(path, stages, pmb, dmb, args.profiles, STACK_WORKLOAD, args.device)
+            meas = measure_local(path, stages, pmb, dmb, args.repeats, STACK_WORKLOAD, args.device, quant)
+            cases.append(case_record(f"{args.stack} x{args.stack_layers} layers", "local", stages, pmb, dmb, pred,
+                                     meas, errors))
+            if not args.json:
+                print(json.dumps(cases[-1]), flush=True)
+    return cases, errors
+
+
+def case_record(model: str, transport: str, stages: list, pmb: int, dmb: int, pred: dict, meas: dict,
+                errors: list[float]) -> dict:
+    rel = {k: (pred[k] - meas[k]) / meas[k] for k in meas}
+    errors += [abs(v) for v in rel.values()]
+    return {"model": model, "transport": transport, "stages": [{"layers": [a, b], "bits": bits} for a, b, bits in stages],
+            "prefill_micro_batch": pmb, "decode_micro_batch": dmb, "latency_source": pred.pop("source"),
+            "predicted": {k: round(v, 5) for k, v in pred.items()},
+            "measured": {k: round(v, 5) for k, v in meas.items()},
+            "rel_error": {k: round(v, 3) for k, v in rel.items()}}
 
 
 class RayApp:
@@ -193,7 +271,26 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true", help="only the local-transport cases")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--stack", default=None, metavar="MODEL",
+                        help="run the real-size layer stack of this catalog model (or checkpoint) instead")
+    parser.add_argument("--stack-layers", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="the stack's device")
     args = parser.parse_args()
+    if args.stack:
+        cases, errors = run_stack(args)
+        workload = STACK_WORKLOAD
+    else:
+        cases, errors = run_demo(args)
+        workload = WORKLOAD
+    doc = {"workload": workload.model_dump(), "cases": cases,
+           "median_abs_rel_error": round(statistics.median(errors), 3), "max_abs_rel_error": round(max(errors), 3)}
+    print(json.dumps(doc) if args.json else json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1))
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
+    """The demo-model suite on this machine's CPU cores: (cases, absolute relative errors)."""
     from llmpq_serve import demo_model
 
     torch.set_num_threads(1)  # one core per stage, as profiled
@@ -209,24 +306,13 @@ def main() -> int:
             else:
                 ray_app = ray_app or RayApp()
                 meas = ray_app.measure(path, stages, pmb, dmb, args.repeats)
-            rel = {k: (pred[k] - meas[k]) / meas[k] for k in meas}
-            errors += [abs(v) for v in rel.values()]
-            cases.append({"model": f"demo-{arch}", "transport": transport,
-                          "stages": [{"layers": [a, b], "bits": bits} for a, b, bits in stages],
-                          "prefill_micro_batch": pmb, "decode_micro_batch": dmb,
-                          "latency_source": pred.pop("source"),
-                          "predicted": {k: round(v, 5) for k, v in pred.items()},
-                          "measured": {k: round(v, 5) for k, v in meas.items()},
-                          "rel_error": {k: round(v, 3) for k, v in rel.items()}})
+            cases.append(case_record(f"demo-{arch}", transport, stages, pmb, dmb, pred, meas, errors))
             if not args.json:
                 print(json.dumps(cases[-1]), flush=True)
     finally:
         if ray_app is not None:
             ray_app.stop()
-    doc = {"workload": WORKLOAD.model_dump(), "cases": cases,
-           "median_abs_rel_error": round(statistics.median(errors), 3), "max_abs_rel_error": round(max(errors), 3)}
-    print(json.dumps(doc) if args.json else json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1))
-    return 0
+    return cases, errors
 
 
 if __name__ == "__main__":

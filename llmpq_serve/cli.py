@@ -90,6 +90,7 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from llmpq_serve import profiler
+    from llmpq_serve.profile_table import Profile
 
     grid = None
     if args.quick:
@@ -97,6 +98,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     result = profiler.run(args.model, device=args.device, device_type=args.type, grid=grid, threads=args.threads)
     out = Path(args.out) if args.out else Path(args.profiles) / f"{result.device_type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file() and not args.replace:
+        result = result.keeping(Profile.load(out))
     result.save(out)
     print(f"wrote {out}: {sum(len(t.points) for t in result.tables)} points on {result.device_name}")
     print(profiler.summary(result))
@@ -151,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--profiles", default=str(CostConfig().profiles_dir))
     pr.add_argument("--out", default=None, help="output file (default: <profiles>/<TYPE>.json)")
     pr.add_argument("--quick", action="store_true", help="a small grid, for a smoke test")
+    pr.add_argument("--replace", action="store_true",
+                    help="overwrite the output file (default: keep its tables of shapes not measured now)")
     pr.add_argument("--threads", type=int, default=None,
                     help="CPU threads (a CPU stage sharing a machine with others runs with fewer than all cores)")
     pr.set_defaults(func=cmd_profile)

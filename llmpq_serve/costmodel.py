@@ -206,8 +206,8 @@ class CostModel:
         return moved / (gpu.mem_bw_gbs * 1e9 * self.kernels["bandwidth_eff"])
 
     def head_time(self, gpu: GPUSpec, micro_batch: int) -> float:
-        """Final norm + LM head for the last position of each sequence (prefill and decode alike): measured when the
-        device's profile has this head, else the roofline."""
+        """Final norm + LM head for the last position of each sequence (prefill and decode alike) and the logits'
+        copy to the host: measured when the device's profile has this head, else the roofline."""
         profile = self.profile(gpu)
         measured = profile.head_time(self.model.hidden, self.model.vocab, micro_batch) if profile else None
         if measured is not None:

@@ -142,6 +142,22 @@ class Profile(BaseModel):
         shape = LayerShape.of(model)
         return next((t for t in self.tables if t.shape == shape), None)
 
+    def keeping(self, older: Profile) -> Profile:
+        """This profile plus what `older` (an earlier profile of the same device type) measured and this one did not:
+        the tables of other layer shapes and the heads of other (hidden, vocab), so models can be profiled one at a
+        time into one file. Everything measured now wins."""
+        if older.device_type != self.device_type:
+            raise ValueError(f"cannot merge a {older.device_type} profile into a {self.device_type} one")
+        shapes = {t.shape for t in self.tables}
+        heads = {(h.hidden, h.vocab) for h in self.heads}
+        kept = [f"{t.shape.arch} h{t.shape.hidden} ffn{t.shape.ffn}" for t in older.tables if t.shape not in shapes]
+        method = self.method + (f"; tables of {', '.join(kept)} kept from {older.measured_at} (torch {older.torch})"
+                                if kept else "")
+        return self.model_copy(update={
+            "method": method,
+            "tables": self.tables + [t for t in older.tables if t.shape not in shapes],
+            "heads": self.heads + [h for h in older.heads if (h.hidden, h.vocab) not in heads]})
+
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         return cls.model_validate(json.loads(Path(path).read_text()))

@@ -39,6 +39,7 @@ from llmpq_serve.quant.layout import linear_names
 from llmpq_serve.quant.linear import QuantLinear
 from llmpq_serve.runtime.kvcache import KVCache
 from llmpq_serve.runtime.layers import Rows, layer_forward, rope_of, rotary
+from llmpq_serve.runtime.transfer import to_host
 from llmpq_serve.spec import ModelSpec
 
 BITS = (16, 8, 4, 3)
@@ -196,13 +197,13 @@ def profile_layer(shape: LayerShape, bits: int, grid: Grid, device: torch.device
 @torch.inference_mode()
 def profile_head(hidden: int, vocab: int, batches: tuple[int, ...], device: torch.device,
                  dtype: torch.dtype) -> list[HeadPoint]:
-    """Final norm + LM head on the last position of each sequence."""
+    """Final norm + LM head on the last position of each sequence, and the logits' copy to the host."""
     norm = nn.LayerNorm(hidden, device=device, dtype=dtype)
     head = nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype)
     out = []
     for mb in batches:
         x = torch.randn(mb, hidden, device=device, dtype=dtype)
-        median, _, _ = measure(lambda x=x: head(norm(x)).float(), device)
+        median, _, _ = measure(lambda x=x: to_host(head(norm(x))), device)
         out.append(HeadPoint(hidden=hidden, vocab=vocab, micro_batch=mb, median_s=median))
     return out
 
@@ -213,7 +214,7 @@ def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 409
     model's transfer time comes from the catalog's links."""
     def hop(x: torch.Tensor) -> torch.Tensor:
         if device.type == "cuda":
-            return x.to("cpu").to(device)
+            return to_host(x).to(device)
         buf = io.BytesIO()
         torch.save(x, buf)
         buf.seek(0)
@@ -233,35 +234,40 @@ def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 409
 
 
 class _NullChain:
-    """A one-stage chain that answers at once with logits of zeros: what is left is the scheduler's own work."""
+    """A one-stage chain that answers at once with the same logits: what is left is the scheduler's own work."""
 
     stages = 1
 
-    def __init__(self, vocab: int):
-        self.vocab, self.busy_s = vocab, [0.0]
+    def __init__(self, logits: torch.Tensor):
+        self.logits, self.busy_s = logits, [0.0]
 
     async def forward(self, rows, x: torch.Tensor) -> torch.Tensor:
         await asyncio.sleep(0)  # a stage call always yields to the event loop once
-        return torch.zeros(x.shape[0], self.vocab)
+        return self.logits[:len(rows.slots)]
 
 
-class _LetterTokenizer:
-    """Stands in for a tokenizer (the profiler has no checkpoint): one letter per token."""
+def stand_in_tokenizer():
+    """A byte-level BPE tokenizer like the demo models' (the profiler has no checkpoint's own): detokenizing is part
+    of the router's work per step."""
+    from llmpq_serve.demo_model import read_texts, stdlib_files, train_tokenizer
 
-    eos_token_id, pad_token_id = None, 0
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(chr(97 + i % 26) for i in ids)
+    return train_tokenizer(read_texts(stdlib_files()[0], 200_000), 512)
 
 
 def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: int = 64) -> list[StepPoint]:
     """Seconds per micro-batch step the router spends outside the stages (scheduling, sampling, detokenizing,
-    handing out events), for one decode micro-batch of each size: `steps` greedy tokens of a full group."""
+    handing out events), for one decode micro-batch of each size: `steps` greedy tokens of a full group, each row
+    repeating one ordinary token of the stand-in tokenizer."""
     from llmpq_serve.runtime.sampling import SamplingParams
     from llmpq_serve.runtime.scheduler import Scheduler
 
+    tokenizer = stand_in_tokenizer()
+    gen = torch.Generator().manual_seed(0)
+
     async def one_run(mb: int) -> float:
-        scheduler = Scheduler(_NullChain(vocab), _LetterTokenizer(), mb, mb, 1, steps + 16)
+        logits = torch.zeros(mb, vocab)
+        logits[torch.arange(mb), torch.randint(1, min(len(tokenizer), vocab), (mb,), generator=gen)] = 1.0
+        scheduler = Scheduler(_NullChain(logits), tokenizer, mb, mb, 1, steps + 16)
         params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
         start = time.perf_counter()
         reqs = [scheduler.submit([1] * 8, params) for _ in range(mb)]

@@ -109,3 +109,16 @@ def test_profiler_measures_the_schedulers_own_step_time():
     points = profile_step_overhead((1, 4), vocab=64, steps=8)
     assert [p.micro_batch for p in points] == [1, 4]
     assert all(0 < p.median_s < 0.1 for p in points)
+
+
+def test_a_new_profile_keeps_the_other_shapes_of_an_older_one():
+    old = _profile(ModelSpec.from_catalog("opt-13b"))
+    old.tables += _profile(ModelSpec.from_catalog("llama-3-8b")).tables
+    new = _profile(ModelSpec.from_catalog("opt-13b"))
+    new.tables[0].points[0].median_s = 0.5
+    merged = new.keeping(old)
+    assert [t.shape for t in merged.tables] == [t.shape for t in old.tables]
+    assert merged.tables[0].points[0].median_s == 0.5  # measured now wins
+    assert "kept from" in merged.method
+    with pytest.raises(ValueError, match="cannot merge"):
+        new.keeping(_profile(ModelSpec.from_catalog("opt-13b"), device_type="A100"))

@@ -127,3 +127,34 @@ def test_multibyte_characters_are_never_released_half(byte_bpe):
     assert "".join(piece for piece, _ in pieces) == d.text == text
     assert pieces[-1][1] == "length" and sum(bool(piece) for piece, _ in pieces) > 5
     assert d.token_ids == ids
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records the longest run of ids it was asked to decode."""
+
+    def __init__(self, inner):
+        self.inner, self.longest = inner, 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.longest = max(self.longest, len(ids))
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_long_outputs_decode_a_short_window_and_the_whole_text(byte_bpe):
+    text = "héllo wörld ✓ 日本 plain ascii text " * 40
+    ids = byte_bpe.encode(text)
+    tok = CountingTokenizer(byte_bpe)
+    d = Detokenizer(tok, SamplingParams(max_tokens=len(ids)), None)
+    assert "".join(d.add(i)[0] for i in ids) == text
+    assert len(ids) > 300 and tok.longest <= 8  # a step's work does not grow with the output
+
+
+def test_leading_space_of_sentencepiece_pieces_survives_the_window():
+    vocab = {"<unk>": 0, "▁Hello": 1, "▁world": 2, "!": 3, "▁again": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.decoder = decoders.Metaspace()
+    sp = PreTrainedTokenizerFast(tokenizer_object=tok)
+    ids = [1, 2, 3, 4, 2]
+    assert sp.decode(ids) == "Hello world! again world"  # the first piece's space is dropped, the others' are kept
+    d = Detokenizer(sp, SamplingParams(max_tokens=len(ids)), None)
+    assert "".join(d.add(i)[0] for i in ids) == sp.decode(ids)

@@ -13,6 +13,7 @@ from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.layers import Rows
 from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, slot_count
 from llmpq_serve.runtime.shard import QuantOptions, StageShard, StageSpec
+from llmpq_serve.runtime.transfer import to_host
 
 
 def stage_specs(plan) -> list[StageSpec]:
@@ -36,7 +37,7 @@ class StageRunner:
 
     def run(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
         out = self.shard(x, Rows(rows.slots, rows.starts, rows.counts), self.cache)
-        return out if out.device.type == "cpu" else out.cpu()
+        return to_host(out)
 
 
 class LocalChain:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmpq_serve.runtime.transfer import to_host
+
 logger = logging.getLogger(__name__)
 
 # Links stay open while the service idles; a dead peer is noticed by its closed socket, not by this timeout.
@@ -51,7 +53,7 @@ def send(group: dist.ProcessGroup, dst: int, meta: dict, payload: torch.Tensor |
     meta = dict(meta)
     body = b""
     if payload is not None:
-        payload = payload.detach().contiguous().cpu()
+        payload = to_host(payload.detach()).contiguous()
         meta["dtype"], meta["shape"] = payload.dtype, tuple(payload.shape)
         body = payload.view(-1).view(torch.uint8)
     header = pickle.dumps(meta)

@@ -73,6 +73,13 @@ class Detokenizer:
         self.token_ids: list[int] = []
         self.text = ""
         self._decoded = ""
+        # Decoding only a window of the latest tokens keeps a step's cost flat, where decoding every generated token
+        # again each step grows with the output (0.3 ms per row at 1024 tokens with the demo tokenizer). The window
+        # starts one settled piece back, so that a tokenizer that drops a leading space at the start of a text (the
+        # SentencePiece ones) sees the same context as in a whole decode.
+        self._settled = ""  # decode of token_ids[:_read], ending on a character boundary
+        self._prefix = 0
+        self._read = 0
 
     def add(self, token_id: int) -> tuple[str, str | None]:
         """Take the next generated token; return the text it releases and the finish reason, if it ends the request."""
@@ -80,8 +87,7 @@ class Detokenizer:
         p = self.params
         if token_id in p.stop_token_ids or (token_id == self.eos_token_id and not p.ignore_eos):
             return self._release(len(self._decoded)), "stop"
-        # byte-level BPE tokens need not end on character boundaries, so only the whole sequence decodes reliably
-        self._decoded = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        self._decoded = self._settled + self._new_text()
         # released text never ends in a stop-string prefix, so a stop string can only start after it
         hits = [i for i in (self._decoded.find(s, len(self.text)) for s in self.stops) if i >= 0]
         if hits:
@@ -91,6 +97,17 @@ class Detokenizer:
         # "\ufffd" marks a character whose remaining bytes are still to come
         end = len(self._decoded.rstrip("\ufffd"))
         return self._release(end - self._stop_prefix(end)), None
+
+    def _new_text(self) -> str:
+        """The text of the tokens after `_read`; settles it when it ends on a character boundary (byte-level BPE
+        tokens need not: an unfinished character decodes to "\ufffd")."""
+        before = self.tokenizer.decode(self.token_ids[self._prefix:self._read], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.token_ids[self._prefix:], skip_special_tokens=True)
+        new = window[len(before):]
+        if not new.endswith("\ufffd"):
+            self._settled += new
+            self._prefix, self._read = self._read, len(self.token_ids)
+        return new
 
     def _stop_prefix(self, end: int) -> int:
         """Length of the longest unreleased tail of decoded[:end] that could still grow into a stop string."""

@@ -111,7 +111,8 @@ class StageShard(nn.Module):
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, rows: Rows, cache: KVCache) -> torch.Tensor:
         """First stage: the rows' new token ids, packed [tokens]; others: hidden states [tokens, H]. Returns hidden
-        states for the next stage, or on the last stage the fp32 logits [rows, vocab] of each row's last token."""
+        states for the next stage, or on the last stage the logits [rows, vocab] of each row's last token, in the
+        runtime dtype: the sampler widens them on the host, so a GPU hands over half the bytes of fp32."""
         rows = rows.to(self.device)
         x = self._embed(x.to(self.device), rows) if self.stage.first else x.to(self.device, self.dtype)
         rope = rope_of(self.rotary, x, rows)
@@ -122,7 +123,7 @@ class StageShard(nn.Module):
         h = self.norm(rows.last_token(x)) if self.norm is not None else rows.last_token(x)
         if self.project_out is not None:
             h = self.project_out(h)
-        return self.lm_head(h).float()
+        return self.lm_head(h)
 
     def _embed(self, ids: torch.Tensor, rows: Rows) -> torch.Tensor:
         x = self.embed(ids)
