@@ -171,3 +171,55 @@ def test_mixed_steps_carry_prefills_in_decode_steps_and_keep_the_tokens(demo_che
                               stagger=True))
     assert got == hf_greedy(path, PROMPTS)
     assert any(mixed)
+
+
+def test_switching_to_a_new_chain_mid_generation_keeps_every_stream(demo_checkpoint):
+    """A re-plan moves live requests to other stages and micro-batch sizes: each is prefilled again with its prompt
+    and the tokens it had produced, and its stream goes on to exactly HF's greedy output."""
+    from llmpq_serve.runtime.local import LocalChain, StageRunner
+
+    path = demo_checkpoint("llama")
+    engine = local_engine(path, even_stages(3, 2), prefill_micro_batch=2, decode_micro_batch=2, max_batch=4,
+                          max_seq=128)
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    prompts = [engine.tokenizer(p).input_ids for p in PROMPTS]
+    produced = [0] * len(PROMPTS)
+    at_switch, prefilled = {}, []
+
+    async def one(i, ids):
+        toks = []
+        async for ev in engine.generate(ids, params, f"r{i}"):
+            toks += ev.token_ids
+            produced[i] = len(toks)
+        return toks
+
+    async def switch_when_half_done():
+        while sum(produced) < len(PROMPTS) * NEW // 2:
+            await asyncio.sleep(0.001)
+        chain = LocalChain([StageRunner(path, s, 4, 128) for s in even_stages(3, 3)])
+        forward = chain.forward
+
+        async def recording(rows, x):
+            prefilled.extend(n for n in rows.counts if n > 1)
+            return await forward(rows, x)
+
+        chain.forward = recording
+        at_switch.update({r.id: len(r.context) for r in engine.scheduler.live.values()})
+        at_switch["moved"] = await engine.scheduler.switch(chain, prefill_micro_batch=1, decode_micro_batch=4,
+                                                           max_batch=4)
+
+    async def main():
+        try:
+            *got, _ = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)], switch_when_half_done())
+            return got
+        finally:
+            await engine.scheduler.stop()
+
+    got = asyncio.run(main())
+    assert got == hf_greedy(path, PROMPTS)
+    moved = at_switch.pop("moved")
+    assert moved > 0 and engine.scheduler.decode_mb == 4
+    # each request was prefilled on the new chain with its prompt and every token it had produced
+    assert sorted(prefilled) == sorted(at_switch.values())
+    assert all(n > len(p) for n, p in zip(at_switch.values(), prompts))
+    assert engine.scheduler.pool.free == engine.scheduler.pool.slots and not engine.scheduler.live

@@ -81,6 +81,12 @@ class Request:
     def last_token(self) -> int:
         return self.detok.token_ids[-1]
 
+    @property
+    def context(self) -> list[int]:
+        """What a prefill of this request runs: its prompt, and after a switch to a new chain also the tokens it had
+        produced, whose KV entries went with the old chain."""
+        return self.prompt + self.detok.token_ids
+
 
 def slot_count(max_batch: int, decode_micro_batch: int) -> int:
     """KV-cache slots for `max_batch` concurrent requests: whole groups of one decode micro-batch each."""
@@ -90,17 +96,23 @@ def slot_count(max_batch: int, decode_micro_batch: int) -> int:
 class Scheduler:
     def __init__(self, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
                  groups: int, max_seq: int, max_queue: int = 256, mixed_steps: bool = False):
-        self.chain, self.tokenizer = chain, tokenizer
-        self.prefill_mb, self.decode_mb = prefill_micro_batch, decode_micro_batch
+        self.tokenizer = tokenizer
         self.max_seq, self.max_queue, self.mixed = max_seq, max_queue, mixed_steps
-        self.pool = SlotPool(groups, decode_micro_batch)
         self.waiting: deque[Request] = deque()
+        self.live: dict[str, Request] = {}  # every request not finished, in arrival order
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._steps: set[asyncio.Task] = set()  # standalone prefill steps on their way
+        self._ids = itertools.count()
+        self._use(chain, prefill_micro_batch, decode_micro_batch, groups)
+
+    def _use(self, chain: StageChain, prefill_micro_batch: int, decode_micro_batch: int, groups: int) -> None:
+        self.chain = chain
+        self.prefill_mb, self.decode_mb = prefill_micro_batch, decode_micro_batch
+        self.pool = SlotPool(groups, decode_micro_batch)
         self.admitted: deque[list[Request]] = deque()  # prefill micro-batches waiting for a step to carry them
         self.decoding: list[dict[str, Request]] = [{} for _ in range(groups)]
-        self._wake = asyncio.Event()
         self._group_wake = [asyncio.Event() for _ in range(groups)]
-        self._tasks: list[asyncio.Task] = []
-        self._ids = itertools.count()
 
     @classmethod
     def for_batch(cls, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
@@ -116,10 +128,34 @@ class Scheduler:
             self._tasks += [asyncio.create_task(self._decode_loop(g)) for g in range(self.pool.groups)]
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = self._tasks + list(self._steps)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
+
+    async def switch(self, chain: StageChain, prefill_micro_batch: int | None = None,
+                     decode_micro_batch: int | None = None, max_batch: int | None = None) -> int:
+        """Moves every live request onto a new chain (a re-plan: other stages, devices or micro-batch sizes). The
+        micro-batches on their way through the old chain are abandoned; each request that had started is prefilled
+        again on the new chain with its prompt and the tokens it has produced, then decodes on, so its client's
+        stream goes on where it was. Requests keep their order. Returns how many had started."""
+        await self.stop()
+        pmb = prefill_micro_batch or self.prefill_mb
+        dmb = decode_micro_batch or self.decode_mb
+        groups = slot_count(max_batch, dmb) // dmb if max_batch else self.pool.slots // dmb or 1
+        self._use(chain, pmb, dmb, groups)
+        started = 0
+        for req in [r for r in self.live.values() if r.cancelled]:
+            self._finish(req)
+        for req in self.live.values():
+            started += req.slot >= 0
+            req.slot, req.length = -1, 0
+        self.waiting = deque(self.live.values())
+        if self.waiting:
+            self.start()
+            self._wake.set()
+        return started
 
     @property
     def stage_busy_s(self) -> list[float]:
@@ -142,6 +178,7 @@ class Scheduler:
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt), params,
                       Detokenizer(self.tokenizer, params, self.tokenizer.eos_token_id), make_generator(params))
         self.waiting.append(req)
+        self.live[req.id] = req
         self._wake.set()
         return req
 
@@ -152,10 +189,11 @@ class Scheduler:
         req.cancelled = True
         if req in self.waiting:
             self.waiting.remove(req)
-            req.done = True
+            self._finish(req)
 
     def _finish(self, req: Request) -> None:
         req.done = True
+        self.live.pop(req.id, None)
         if req.slot >= 0:
             self.decoding[self.pool.group_of(req.slot)].pop(req.id, None)
             self.pool.release(req.id)
@@ -196,7 +234,9 @@ class Scheduler:
                     # its own group carries it: that group is either stepping already or idle and free to go now
                     self._group_wake[self.pool.group_of(batch[0].slot)].set()
                 else:  # nothing is decoding to ride along with (a burst of arrivals): fill the pipe at once
-                    asyncio.create_task(self._step([], batch))
+                    task = asyncio.create_task(self._step([], batch))
+                    self._steps.add(task)
+                    task.add_done_callback(self._steps.discard)
 
     # ---- steps ----------------------------------------------------------------------------------------------------
     async def _decode_loop(self, group: int) -> None:
@@ -214,9 +254,10 @@ class Scheduler:
     async def _step(self, decode: list[Request], fresh: list[Request]) -> None:
         """One micro-batch: the next token of every `decode` request, and the prefill of every `fresh` one."""
         step = decode + fresh
+        contexts = [r.context for r in fresh]
         rows = RowsSpec([r.slot for r in step], [r.length for r in decode] + [0] * len(fresh),
-                        [1] * len(decode) + [len(r.prompt) for r in fresh])
-        x = torch.tensor([r.last_token for r in decode] + [t for r in fresh for t in r.prompt], dtype=torch.long)
+                        [1] * len(decode) + [len(c) for c in contexts])
+        x = torch.tensor([r.last_token for r in decode] + [t for c in contexts for t in c], dtype=torch.long)
         try:
             logits = await self.chain.forward(rows, x)
         except Exception as e:  # noqa: BLE001 - a stage failed: these requests end with the error, the others go on
@@ -224,8 +265,8 @@ class Scheduler:
             return
         for r in decode:
             r.length += 1
-        for r in fresh:
-            r.length = len(r.prompt)
+        for r, c in zip(fresh, contexts):
+            r.length = len(c)
         self._emit(step, logits)
         for r in fresh:
             if not r.done:
