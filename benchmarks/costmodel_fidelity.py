@@ -251,18 +251,22 @@ class RayApp:
         finally:
             serve.delete("fidelity")
 
-    def router_url(self) -> str:
-        """The router replica's own server: the port of the range that answers (a redeployed replica may take the
-        next one while the last one's port is still closing)."""
+    def router_url(self, timeout_s: float = 300) -> str:
+        """The router replica's own server once its stages are up: the port of the range that answers ready (a
+        redeployed replica may take the next one while the last one's port is still closing)."""
         import httpx
 
-        for port in range(self.direct_port, self.direct_port + self.DIRECT_PORTS + 1):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    return f"http://127.0.0.1:{port}"
-            except httpx.HTTPError:
-                continue
-        raise RuntimeError(f"no router answers on ports {self.direct_port}-{self.direct_port + self.DIRECT_PORTS}")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for port in range(self.direct_port, self.direct_port + self.DIRECT_PORTS + 1):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                        return f"http://127.0.0.1:{port}"
+                except httpx.HTTPError:
+                    continue
+            time.sleep(0.5)
+        raise RuntimeError(f"no router got ready on ports {self.direct_port}-{self.direct_port + self.DIRECT_PORTS} "
+                           f"in {timeout_s:.0f} s")
 
 
 def main() -> int:

@@ -112,7 +112,9 @@ def serve_stage(path, spec, slots, max_seq, host, port):
     loop.thread.join()
 
 
-def test_a_dead_stage_fails_what_is_in_flight_and_the_next_request_opens_a_new_ring(demo_checkpoint):
+def test_a_dead_stage_loses_no_request_the_next_ring_carries_it_on(demo_checkpoint):
+    """A stage process dies mid-stream: the ring is down, the scheduler keeps the request, a new ring opens (here:
+    a new stage process joins) and the request is prefilled again with what it had produced and goes on."""
     import multiprocessing
 
     from transformers import AutoTokenizer
@@ -132,20 +134,47 @@ def test_a_dead_stage_fails_what_is_in_flight_and_the_next_request_opens_a_new_r
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
     async def go():
-        first = await run_all(engine, PROMPTS[:1], params)
-        stream = engine.generate(tokenizer(PROMPTS[1]).input_ids, params, "doomed")
-        await anext(stream)
+        first = await run_all(engine, PROMPTS[1:2], params)
+        stream = engine.generate(tokenizer(PROMPTS[1]).input_ids, params, "survivor")
+        tokens = (await anext(stream)).token_ids
         procs[0].kill()
-        with pytest.raises(ring.RingError, match="ring is down"):
-            async for _ in stream:
-                pass
-        again = await run_all(engine, PROMPTS[:1], params)
-        return first, again
+        async for event in stream:
+            tokens += event.token_ids
+        return first[0], tokens
 
     try:
-        first, again = asyncio.run(asyncio.wait_for(go(), timeout=300))
-        assert again == first and len(procs) == 2
+        first, survivor = asyncio.run(asyncio.wait_for(go(), timeout=300))
+        assert survivor == first and len(procs) == 2
     finally:
         for p in procs:
             p.kill()
             p.join(timeout=30)
+
+
+def test_requests_fail_when_the_chain_stays_down_past_the_recovery_time():
+    from llmpq_serve.runtime.scheduler import ChainLostError
+
+    class DownChain:
+        stages, busy_s = 1, [0.0]
+
+        async def forward(self, rows, x):
+            raise ring.RingDownError("the stage ring is down: gone")
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    engine = PipelineEngine(Scheduler.for_batch(DownChain(), Tok(), 1, 1, 2, 64, 8, recovery_s=1.0), Tok(), "t",
+                            dict)
+
+    async def go():
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(ChainLostError, match="down for over 1 s"):
+            async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=4), "r"):
+                pass
+        return asyncio.get_running_loop().time() - start
+
+    waited = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert 1.0 <= waited < 30 and not engine.scheduler.live

@@ -4,6 +4,7 @@ types, the Ray and local transports agree, the planner path deploys, and the API
 
 import asyncio
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -45,7 +46,17 @@ def deploy(path, n_stages: int, **extra):
                                             for i, (a, b) in enumerate(itertools.pairwise(bounds))],
             "prefill_micro_batch": 2, "decode_micro_batch": 2, "max_context": 128,
             "workload": {"batch_size": 4, "prompt_len": 16, "gen_len": 16}, **extra}
-    return serve.run(build_app(args), name="llmpq", route_prefix="/")
+    return wait_ready(serve.run(build_app(args), name="llmpq", route_prefix="/"))
+
+
+def wait_ready(router, generation: int = 1, timeout_s: float = 300):
+    """The router once it serves on stages of plan `generation` or later (the planner deploys them after the app
+    itself is up)."""
+    deadline = time.monotonic() + timeout_s
+    while (status := router.status.remote().result(timeout_s=60))["generation"] < generation:
+        assert time.monotonic() < deadline, f"no stages of generation {generation} after {timeout_s} s: {status}"
+        time.sleep(0.5)
+    return router
 
 
 def complete(url: str, prompts: list[str], **body) -> list[dict]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from llmpq_serve.runtime.scheduler import ChainLostError
 from llmpq_serve.runtime.transfer import to_host
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 # Links stay open while the service idles; a dead peer is noticed by its closed socket, not by this timeout.
 LINK_TIMEOUT = datetime.timedelta(days=365)
 CONNECT_TIMEOUT = datetime.timedelta(minutes=10)  # every rank must have joined by then (stages load their weights)
+JOIN_TIMEOUT_S = 60.0  # the stages' answer to a join call (a replica on a node that left never answers)
 _TAG = 0
 
 
@@ -46,6 +48,10 @@ def connect(host: str, port: int, rank: int, world: int) -> dist.ProcessGroup:
 
 class RingError(RuntimeError):
     """A micro-batch failed on a stage; the message says which and why."""
+
+
+class RingDownError(RingError, ChainLostError):
+    """The ring itself broke or could not open (a stage's process is gone): the scheduler keeps the requests."""
 
 
 def send(group: dist.ProcessGroup, dst: int, meta: dict, payload: torch.Tensor | None) -> None:
@@ -126,7 +132,8 @@ class RingChain:
 
     `join(host, port)` must make every stage start its StageLoop against host:port (the Ray layer does it with a
     handle call per stage). The ring opens on the first micro-batch; if it breaks (a stage process died), the
-    micro-batches in it fail and the next one opens a new ring, so a restarted stage brings the service back."""
+    micro-batches in it fail with RingDownError and the next one opens a new ring, so a restarted stage brings the
+    service back. `close()` lets go of it for good (a re-plan moved on to other stages)."""
 
     def __init__(self, stages: int, host: str, join: Callable[[str, int], Any]):
         self.stages = stages
@@ -137,7 +144,12 @@ class RingChain:
     async def forward(self, rows: Any, x: torch.Tensor) -> torch.Tensor:
         if self._link is None or (self._link.done() and (self._link.exception() or self._link.result().broken)):
             self._link = asyncio.ensure_future(self._open())
-        link = await asyncio.shield(self._link)
+        try:
+            link = await asyncio.shield(self._link)
+        except (asyncio.CancelledError, RingDownError):
+            raise
+        except Exception as e:  # a stage could not join: the chain is as down as with a broken ring
+            raise RingDownError(f"the stage ring could not open: {type(e).__name__}: {e}") from e
         future = asyncio.get_running_loop().create_future()
         link.outbox.put((rows, x, future))
         return await future
@@ -145,8 +157,15 @@ class RingChain:
     async def _open(self) -> _Link:
         port = free_port(self._host)
         opened = asyncio.get_running_loop().run_in_executor(None, connect, self._host, port, 0, self.stages + 1)
-        await self._join(self._host, port)
+        await asyncio.wait_for(self._join(self._host, port), JOIN_TIMEOUT_S)
         return _Link(await opened, self.stages, self.busy_s)
+
+    def close(self) -> None:
+        """Drop the open ring: the stages' loops see their links close and stop."""
+        if self._link is not None and self._link.done() and not self._link.exception():
+            self._link.result().close()
+        elif self._link is not None:
+            self._link.cancel()
 
 
 class _Link:
@@ -161,12 +180,19 @@ class _Link:
         threading.Thread(target=self._send_loop, name="ring-send", daemon=True).start()
         threading.Thread(target=self._recv_loop, name="ring-recv", daemon=True).start()
 
+    def close(self) -> None:
+        self._fail_all(RingDownError("the stage ring was closed"), expected=True)
+        self.outbox.put(None)
+
     def _send_loop(self) -> None:
         while True:
-            rows, x, future = self.outbox.get()
+            item = self.outbox.get()
+            if item is None:
+                return
+            rows, x, future = item
             with self.lock:
                 if self.broken is not None:
-                    _settle(future, RingError(f"the stage ring is down: {self.broken}"))
+                    _settle(future, RingDownError(f"the stage ring is down: {self.broken}"))
                     continue
                 self.pending.append(future)
             try:
@@ -190,13 +216,13 @@ class _Link:
                 self.busy_s[k] += seconds
             _settle(future, out)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, expected: bool = False) -> None:
         with self.lock:
-            if self.broken is None:
+            if self.broken is None and not expected:
                 logger.error("the stage ring is down", exc_info=error)
             self.broken = error
             while self.pending:
-                _settle(self.pending.popleft(), RingError(f"the stage ring is down: {error}"))
+                _settle(self.pending.popleft(), RingDownError(f"the stage ring is down: {error}"))
             # nothing holds the links open any more: the surviving stages' loops see them close and stop
             self.group = None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -45,6 +46,11 @@ class StageChain(Protocol):
     busy_s: list[float]
 
     async def forward(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class ChainLostError(RuntimeError):
+    """The chain itself is down (a stage's process or node is gone), not one micro-batch's work: the scheduler keeps
+    the requests on their way and prefills them again once the chain is back or replaced."""
 
 
 class QueueFullError(Exception):
@@ -95,9 +101,15 @@ def slot_count(max_batch: int, decode_micro_batch: int) -> int:
 
 class Scheduler:
     def __init__(self, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
-                 groups: int, max_seq: int, max_queue: int = 256, mixed_steps: bool = False):
+                 groups: int, max_seq: int, max_queue: int = 256, mixed_steps: bool = False,
+                 recovery_s: float = 300.0):
         self.tokenizer = tokenizer
         self.max_seq, self.max_queue, self.mixed = max_seq, max_queue, mixed_steps
+        # how long requests wait for a lost chain to come back (or be replaced) before they fail
+        self.recovery_s = recovery_s
+        self._lost_since: float | None = None
+        self.resumed = 0  # requests prefilled again with their tokens after a switch or a lost chain
+        self._recovery: asyncio.Task | None = None
         self.waiting: deque[Request] = deque()
         self.live: dict[str, Request] = {}  # every request not finished, in arrival order
         self._wake = asyncio.Event()
@@ -116,10 +128,12 @@ class Scheduler:
 
     @classmethod
     def for_batch(cls, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
-                  max_batch: int, max_seq: int, max_queue: int, mixed_steps: bool = False) -> Scheduler:
+                  max_batch: int, max_seq: int, max_queue: int, mixed_steps: bool = False,
+                  recovery_s: float = 300.0) -> Scheduler:
         """A scheduler with room for `max_batch` concurrent requests."""
         return cls(chain, tokenizer, prefill_micro_batch, decode_micro_batch,
-                   slot_count(max_batch, decode_micro_batch) // decode_micro_batch, max_seq, max_queue, mixed_steps)
+                   slot_count(max_batch, decode_micro_batch) // decode_micro_batch, max_seq, max_queue, mixed_steps,
+                   recovery_s)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,6 +154,10 @@ class Scheduler:
         micro-batches on their way through the old chain are abandoned; each request that had started is prefilled
         again on the new chain with its prompt and the tokens it has produced, then decodes on, so its client's
         stream goes on where it was. Requests keep their order. Returns how many had started."""
+        if self._recovery is not None and self._recovery is not asyncio.current_task():
+            self._recovery.cancel()
+        if chain is not self.chain:
+            self._lost_since = None
         await self.stop()
         pmb = prefill_micro_batch or self.prefill_mb
         dmb = decode_micro_batch or self.decode_mb
@@ -151,6 +169,7 @@ class Scheduler:
         for req in self.live.values():
             started += req.slot >= 0
             req.slot, req.length = -1, 0
+        self.resumed += started
         self.waiting = deque(self.live.values())
         if self.waiting:
             self.start()
@@ -206,6 +225,27 @@ class Scheduler:
                 req.events.put_nowait(error)
                 self._finish(req)
 
+    # ---- a lost chain ---------------------------------------------------------------------------------------------
+    def _chain_lost(self, error: ChainLostError) -> None:
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover(error))
+
+    async def _recover(self, error: ChainLostError) -> None:
+        """Every live request again, from its prompt and tokens, on the chain as it is now (a transport reopens a
+        broken chain on its next micro-batch); until `recovery_s` has passed, then they fail."""
+        await asyncio.sleep(0.5)  # the other micro-batches of the broken chain fail meanwhile
+        if time.monotonic() - self._lost_since <= self.recovery_s:
+            await self.switch(self.chain)
+            return
+        await self.stop()
+        lost = ChainLostError(f"the pipeline has been down for over {self.recovery_s:.0f} s: {error}")
+        self._fail(list(self.live.values()), lost)
+        self.waiting.clear()
+        self._use(self.chain, self.prefill_mb, self.decode_mb, self.pool.groups)
+        self._lost_since = None
+
     # ---- sampling -------------------------------------------------------------------------------------------------
     def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
@@ -260,9 +300,13 @@ class Scheduler:
         x = torch.tensor([r.last_token for r in decode] + [t for c in contexts for t in c], dtype=torch.long)
         try:
             logits = await self.chain.forward(rows, x)
+        except ChainLostError as e:
+            self._chain_lost(e)
+            return
         except Exception as e:  # noqa: BLE001 - a stage failed: these requests end with the error, the others go on
             self._fail(step, e)
             return
+        self._lost_since = None
         for r in decode:
             r.length += 1
         for r, c in zip(fresh, contexts):

@@ -1,0 +1,165 @@
+"""The planner actor: solves the plan for the cluster as it is, deploys the plan's stages as an application of their
+own and hands them to the router; then watches the cluster's GPU nodes and does it again when they change.
+
+The stages live in their own application so that a re-plan can take them down without touching the router: the
+router's scheduler holds every request meanwhile and prefills each again on the new stages with what it had
+produced (Scheduler.switch), so clients see their streams go on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from deployments.router import CONTROL_PLANE
+from deployments.stage import StageDeployment
+from llmpq_serve.config import ServeConfig
+from llmpq_serve.runtime.scheduler import slot_count
+from llmpq_serve.runtime.shard import QuantOptions, StageSpec, default_quant_dir
+from llmpq_serve.spec import GPUSpec
+
+logger = logging.getLogger("llmpq")
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class StageSet:
+    """The stage application's ingress: the stages' handles, in pipeline order."""
+
+    def __init__(self, *stages):
+        self.stages = list(stages)
+
+    def handles(self) -> list:
+        return self.stages
+
+
+def stage_app(config: ServeConfig, path: str, quant: QuantOptions, stages: list[tuple[str, StageSpec]],
+              decode_micro_batch: int) -> Application:
+    """One stage deployment per planned stage, pinned to its GPU type."""
+    slots = slot_count(config.workload.batch_size, decode_micro_batch)
+    threads = max(1, (os.cpu_count() or 1) // len(stages))  # used only by stages that end up on a CPU
+    return StageSet.bind(*[
+        StageDeployment.options(name=f"stage{i}", ray_actor_options={
+            "num_gpus": 1, "num_cpus": 0, "accelerator_type": ray_type}).bind(
+            path, spec, slots, config.max_context, quant, threads)
+        for i, (ray_type, spec) in enumerate(stages)])
+
+
+def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tuple[str, StageSpec]], int, int, dict]:
+    """((accelerator type, stage) per stage, prefill micro-batch, decode micro-batch, the plan as JSON)."""
+    if config.stages is not None:
+        specs = StageSpec.chain([(s.layers[0], s.layers[1], s.bits or [16] * (s.layers[1] - s.layers[0]))
+                                 for s in config.stages])
+        stages = [(s.accelerator_type, spec) for s, spec in zip(config.stages, specs)]
+        doc = {"fixed": [s.model_dump() for s in config.stages], "prefill_micro_batch": config.prefill_micro_batch,
+               "decode_micro_batch": config.decode_micro_batch}
+        return stages, config.prefill_micro_batch, config.decode_micro_batch, doc
+
+    from llmpq_serve.cli import quality_target
+    from llmpq_serve.costmodel import CostModel
+    from llmpq_serve.planner import Problem, plan
+    from llmpq_serve.quant.apply import QuantCache
+    from llmpq_serve.runtime.local import stage_specs
+    from llmpq_serve.runtime.quantized import checkpoint_indicator
+    from llmpq_serve.spec import ClusterSpec, ModelSpec
+
+    model = ModelSpec.from_checkpoint(path)
+    cluster = ClusterSpec.from_ray() if config.cluster == "ray" else ClusterSpec.from_yaml(config.cluster)
+    if not cluster.devices:
+        raise ValueError("the Ray cluster shows no GPUs with an accelerator_type; start nodes with --num-gpus and "
+                         "--resources '{\"accelerator_type:<TYPE>\": 1}' (see the README), or give cluster: <yaml>")
+    indicator = checkpoint_indicator(path, model.arch, quant, QuantCache(quant.cache_dir or default_quant_dir()))
+    problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator)
+    problem = problem.with_quality(quality_target(problem, config.theta, None, config.quality))
+    result = plan(problem, config.method, time_limit=config.plan_time_limit)
+    logger.info("plan:\n%s", result.table())
+    types = [GPUSpec.from_catalog(s.device.gpu).ray_type for s in result.stages]
+    return (list(zip(types, stage_specs(result))), result.prefill_micro_batch, result.decode_micro_batch,
+            result.model_dump(mode="json"))
+
+
+def gpu_nodes() -> frozenset:
+    """The alive nodes that offer GPUs, with their accelerator types and GPU counts: what a plan depends on."""
+    return frozenset((n["NodeID"], tuple(sorted(k for k in n["Resources"] if k.startswith("accelerator_type:"))),
+                      n["Resources"]["GPU"])
+                     for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
+
+
+@serve.deployment(num_replicas=1, ray_actor_options=CONTROL_PLANE)
+class Planner:
+    def __init__(self, args: dict[str, Any]):
+        self.config = ServeConfig.model_validate(args)
+        self.path = self.config.checkpoint()
+        self.quant = QuantOptions(self.config.quant_method, self.config.group_size)
+        # this planner's own names: a redeployed app's new planner never takes over an old one's stages
+        self.app_prefix = f"{serve.get_replica_context().app_name}-stages-"
+        self.prefix = f"{self.app_prefix}{uuid.uuid4().hex[:6]}-"
+        # only a plan for the live cluster changes with it: fixed stages and a cluster file are deployed once
+        self.watching = self.config.stages is None and self.config.cluster == "ray"
+        self.generation, self.current, self.stage_app, self.error = 0, None, None, None
+        self.replans, self._layout = 0, None
+        self._changed = asyncio.Condition()
+        self._watcher = asyncio.get_event_loop().create_task(self._watch())
+
+    async def next_stages(self, after: int) -> dict:
+        """Waits for a deployment newer than generation `after` and returns it: {"generation", "stages" (handles in
+        pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"}. The router follows these."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.generation > after)
+            return self.current
+
+    def status(self) -> dict:
+        return {"generation": self.generation, "stage_app": self.stage_app, "replans": self.replans,
+                "watching": self.watching, "error": self.error, "node": ray.get_runtime_context().get_node_id()}
+
+    async def _watch(self) -> None:
+        await asyncio.to_thread(self._remove_stale_stage_apps)
+        seen = None
+        while True:
+            nodes = await asyncio.to_thread(gpu_nodes)
+            if nodes != seen:
+                try:
+                    await self._deploy()
+                    seen, self.error = nodes, None
+                except Exception as e:  # reported by status(); tried again at the next poll
+                    logger.exception("planning or deploying the stages failed")
+                    self.error = f"{type(e).__name__}: {e}"
+            if seen is not None and not self.watching:
+                return
+            await asyncio.sleep(self.config.replan_poll_s)
+
+    async def _deploy(self) -> None:
+        stages, prefill_mb, decode_mb, doc = await asyncio.to_thread(solve_plan, self.config, self.path, self.quant)
+        if (stages, prefill_mb, decode_mb) == self._layout:
+            logger.info("the cluster changed but the plan did not: the stages stay")
+            return
+        if self.stage_app is not None:  # the new stages need the old ones' GPUs; the router holds the requests
+            await asyncio.to_thread(serve.delete, self.stage_app)
+        name = f"{self.prefix}{self.generation + 1}"
+        app = stage_app(self.config, str(self.path), self.quant, stages, decode_mb)
+        ingress = await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
+        handles = await ingress.handles.remote()
+        async with self._changed:
+            self.replans += self.generation > 0
+            self.generation += 1
+            self.stage_app = name
+            self.current = {"generation": self.generation, "stages": handles, "plan": doc,
+                            "prefill_micro_batch": prefill_mb, "decode_micro_batch": decode_mb}
+            self._layout = (stages, prefill_mb, decode_mb)
+            self._changed.notify_all()
+        logger.info("stages of plan generation %d deployed as %s", self.generation, name)
+
+    def _remove_stale_stage_apps(self) -> None:
+        """Stage applications of an earlier planner of this app (a redeploy, a crash) hold GPUs nobody uses."""
+        for name in serve.status().applications:
+            if name.startswith(self.app_prefix) and not name.startswith(self.prefix):
+                serve.delete(name)
+
+    def __del__(self) -> None:  # Serve calls it when the app goes down: the stages go with it
+        if getattr(self, "stage_app", None) is not None:
+            serve.delete(self.stage_app, _blocking=False)

@@ -1,0 +1,100 @@
+"""The planner actor on a live multi-node Ray cluster: a GPU node joining makes it re-plan and redeploy the stages,
+one leaving in the middle of streamed generations too, and no stream is lost: each goes on, uninterrupted, to exactly
+HF's greedy output."""
+
+import threading
+
+import httpx
+import pytest
+
+from llmpq_serve.runtime.ring import free_port
+from tests.test_runtime import PROMPTS, hf_greedy
+from tests.test_serve_ray import wait_ready
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+NEW = 400
+
+
+@pytest.fixture()
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:T4": 1})
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
+        port = free_port()
+        # one proxy, on the head: a proxy on a node that leaves would take its connections with it
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        yield c, f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+def stream(url: str, prompt: str, started: threading.Event, out: dict) -> None:
+    """One streamed completion; sets `started` at its first token; out[prompt] = (text, SSE lines)."""
+    import json
+
+    lines, text = [], ""
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=300, json={
+            "prompt": prompt, "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line)
+                if line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    started.set()
+    out[prompt] = (text, lines)
+
+
+def test_nodes_joining_and_leaving_replan_without_losing_a_stream(cluster, demo_checkpoint):
+    from transformers import AutoTokenizer
+
+    from deployments.app import build_app
+
+    c, url = cluster
+    path = demo_checkpoint("llama")
+    router = serve.run(build_app({
+        "model": str(path), "cluster": "ray", "quality": "fp16", "plan_time_limit": 5, "max_context": 448,
+        "workload": {"batch_size": 4, "prompt_len": 16, "gen_len": 32}, "replan_poll_s": 0.5}),
+        name="llmpq", route_prefix="/")
+    wait_ready(router, 1)
+    assert {p["accelerator_types"][0] for p in router.placements.remote().result()} == {"T4"}
+
+    # a faster GPU joins: the plan uses it
+    v100 = c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:V100": 1})
+    wait_ready(router, 2)
+    placements = router.placements.remote().result()
+    assert "V100" in {p["accelerator_types"][0] for p in placements}
+
+    # the node of the first stage leaves while every request is mid-stream
+    planner = serve.get_deployment_handle("Planner", app_name="llmpq")
+    control = {router.status.remote().result()["node"], planner.status.remote().result()["node"]}
+    assert control == {c.head_node.node_id}  # the control plane stays on the head
+    gone = next(n for n in c.worker_nodes if n.node_id == placements[0]["node_id"])
+    started = [threading.Event() for _ in PROMPTS]
+    out = {}
+    threads = [threading.Thread(target=stream, args=(url, p, s, out)) for p, s in zip(PROMPTS, started)]
+    for t in threads:
+        t.start()
+    assert all(s.wait(120) for s in started)
+    c.remove_node(gone)
+    for t in threads:
+        t.join(300)
+
+    wait_ready(router, 3)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    expected = [tok.decode(ids, skip_special_tokens=True) for ids in hf_greedy(path, PROMPTS, NEW)]
+    assert [out[p][0] for p in PROMPTS] == expected
+    assert all(out[p][1][-1] == "data: [DONE]" and not any('"error"' in line for line in out[p][1])
+               for p in PROMPTS)
+    status = router.status.remote().result()
+    assert status["replans"] >= 2 and status["resumed_requests"] >= len(PROMPTS)  # all were moved mid-stream
+    assert gone.node_id not in {p["node_id"] for p in router.placements.remote().result()}
+    assert v100 is not None
