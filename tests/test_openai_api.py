@@ -90,7 +90,7 @@ class FakeEngine:
         return {"stages": [{"device": "T4", "layers": [0, 12]}]}
 
     def health(self) -> dict:
-        return {"ready": self.ready, "queue_depth": 3}
+        return {"ready": self.ready, "queue_depth": 3, "resumed_requests": 2}
 
 
 @pytest.fixture
@@ -388,5 +388,6 @@ async def test_metrics(client: httpx.AsyncClient, engine: FakeEngine) -> None:
             "llmpq_requests_running 0.0",
             "llmpq_requests_cancelled_total 0.0",
             "llmpq_engine_errors_total 0.0",
-            "llmpq_queue_depth 3.0"} <= lines
+            "llmpq_queue_depth 3.0",
+            "llmpq_requests_resumed 2.0"} <= lines
     assert not any("/metrics" in line for line in lines)

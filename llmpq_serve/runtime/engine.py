@@ -35,4 +35,5 @@ class PipelineEngine:
     def health(self) -> dict[str, Any]:
         s = self.scheduler
         return {"ready": True, "queue_depth": len(s.waiting), "running": s.running, "free_slots": s.pool.free,
+                "resumed_requests": s.resumed,
                 "stage_busy_s": [round(b, 3) for b in s.stage_busy_s]}

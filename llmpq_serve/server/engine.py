@@ -27,5 +27,5 @@ class Engine(Protocol):
         ...
 
     def health(self) -> dict:
-        """{"ready": bool, ...}; an int "queue_depth" here is exported by /metrics."""
+        """{"ready": bool, ...}; ints "queue_depth" and "resumed_requests" here are exported by /metrics."""
         ...

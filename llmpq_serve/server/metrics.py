@@ -13,20 +13,28 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 
 
-class _QueueDepth:
-    """Read at scrape time, and exported only while the engine reports it."""
+ENGINE_GAUGES = {
+    "queue_depth": ("llmpq_queue_depth", "Requests waiting in the engine's queue"),
+    "resumed_requests": ("llmpq_requests_resumed",
+                         "Requests prefilled again with their tokens, on new stages (a re-plan) or a reopened ring"),
+}
 
-    def __init__(self, read: Callable[[], float | None]) -> None:
+
+class _EngineGauges:
+    """Fields of the engine's health (ENGINE_GAUGES), read at scrape time, each exported only while reported."""
+
+    def __init__(self, read: Callable[[], dict]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
-        depth = self._read()
-        if depth is not None:
-            yield GaugeMetricFamily("llmpq_queue_depth", "Requests waiting in the engine's queue", value=depth)
+        health = self._read()
+        for key, (name, doc) in ENGINE_GAUGES.items():
+            if health.get(key) is not None:
+                yield GaugeMetricFamily(name, doc, value=health[key])
 
 
 class ServerMetrics:
-    def __init__(self, queue_depth: Callable[[], float | None]) -> None:
+    def __init__(self, health: Callable[[], dict]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("llmpq_requests", "Generation requests by endpoint and HTTP status",
                                 ["endpoint", "status"], registry=self.registry)
@@ -42,7 +50,7 @@ class ServerMetrics:
         self.tpot = Histogram("llmpq_time_per_output_token_seconds",
                               "Mean time between a request's tokens after the first", buckets=TPOT_BUCKETS,
                               registry=self.registry)
-        self.registry.register(_QueueDepth(queue_depth))
+        self.registry.register(_EngineGauges(health))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,7 +44,7 @@ def build_app(get_engine: Callable[[], Engine | None]) -> FastAPI:
     `app` into each replica, where a lambda over a module global would read a copy of it, never updated: pass a
     module-level function there, which pickles by reference."""
     app = FastAPI(title="llmpq-serve", version=__version__)
-    metrics = ServerMetrics(queue_depth=lambda: _health(get_engine()).get("queue_depth"))
+    metrics = ServerMetrics(health=lambda: _health(get_engine()))
     install_error_handlers(app)
     app.add_middleware(RequestCounter, counter=metrics.requests, paths=GENERATION_PATHS)
     started = int(time.time())
