@@ -90,7 +90,9 @@ def gpu_nodes() -> frozenset:
                      for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
 
 
-@serve.deployment(num_replicas=1, ray_actor_options=CONTROL_PLANE)
+# The router's long poll is always in flight here, and would hold a replica that goes down (a redeploy of the app)
+# for Serve's whole graceful-shutdown timeout: there is nothing to drain.
+@serve.deployment(num_replicas=1, ray_actor_options=CONTROL_PLANE, graceful_shutdown_timeout_s=1)
 class Planner:
     def __init__(self, args: dict[str, Any]):
         self.config = ServeConfig.model_validate(args)
@@ -162,4 +164,7 @@ class Planner:
 
     def __del__(self) -> None:  # Serve calls it when the app goes down: the stages go with it
         if getattr(self, "stage_app", None) is not None:
-            serve.delete(self.stage_app, _blocking=False)
+            try:
+                serve.delete(self.stage_app, _blocking=False)
+            except Exception:  # Serve itself is going down (serve.shutdown): it takes every app along
+                logger.warning("could not delete the stage application %s", self.stage_app, exc_info=True)
