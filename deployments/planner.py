@@ -83,6 +83,12 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
             result.model_dump(mode="json"))
 
 
+def accelerator_types() -> set[str]:
+    """The accelerator types the alive nodes offer."""
+    return {k.split(":", 1)[1] for n in ray.nodes() if n["Alive"] for k in n["Resources"]
+            if k.startswith("accelerator_type:")}
+
+
 def gpu_nodes() -> frozenset:
     """The alive nodes that offer GPUs, with their accelerator types and GPU counts: what a plan depends on."""
     return frozenset((n["NodeID"], tuple(sorted(k for k in n["Resources"] if k.startswith("accelerator_type:"))),
@@ -108,12 +114,13 @@ class Planner:
         self._changed = asyncio.Condition()
         self._watcher = asyncio.get_event_loop().create_task(self._watch())
 
-    async def next_stages(self, after: int) -> dict:
+    async def next_stages(self, after: int, error_seen: str | None = None) -> dict:
         """Waits for a deployment newer than generation `after` and returns it: {"generation", "stages" (handles in
-        pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"}. The router follows these."""
+        pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"}; or, first, for the planner's error
+        to differ from `error_seen`, and returns {"error": the error or None}. The router follows these."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self.generation > after)
-            return self.current
+            await self._changed.wait_for(lambda: self.generation > after or self.error != error_seen)
+            return self.current if self.generation > after else {"error": self.error}
 
     def status(self) -> dict:
         return {"generation": self.generation, "stage_app": self.stage_app, "replans": self.replans,
@@ -127,16 +134,27 @@ class Planner:
             if nodes != seen:
                 try:
                     await self._deploy()
-                    seen, self.error = nodes, None
-                except Exception as e:  # reported by status(); tried again at the next poll
+                    seen = nodes
+                    await self._report(None)
+                except Exception as e:  # reported to the router and by status(); tried again at the next poll
                     logger.exception("planning or deploying the stages failed")
-                    self.error = f"{type(e).__name__}: {e}"
+                    await self._report(f"{type(e).__name__}: {e}")
             if seen is not None and not self.watching:
                 return
             await asyncio.sleep(self.config.replan_poll_s)
 
+    async def _report(self, error: str | None) -> None:
+        async with self._changed:
+            self.error = error
+            self._changed.notify_all()
+
     async def _deploy(self) -> None:
         stages, prefill_mb, decode_mb, doc = await asyncio.to_thread(solve_plan, self.config, self.path, self.quant)
+        offered = await asyncio.to_thread(accelerator_types)
+        for i, (ray_type, _) in enumerate(stages):
+            if ray_type not in offered:  # Serve would wait for such a node forever
+                raise ValueError(f"stage {i} needs a GPU of accelerator_type {ray_type!r}, which no alive node offers "
+                                 f"(they offer: {', '.join(sorted(offered)) or 'none'})")
         if (stages, prefill_mb, decode_mb) == self._layout:
             logger.info("the cluster changed but the plan did not: the stages stay")
             return

@@ -20,6 +20,7 @@ logger = logging.getLogger("llmpq")
 # The router and the planner hold every request and the plan: they run on the head node, which the cluster cannot
 # lose without going down anyway, and not on a GPU node that may leave.
 CONTROL_PLANE = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+STARTING = "the model is not loaded yet: the planner is deploying the stages"
 
 
 def ring_over(stages: list[DeploymentHandle]) -> RingChain:
@@ -42,23 +43,29 @@ class Router:
         self.model_name, self.max_batch, self.max_seq, self.max_queue = model_name, max_batch, max_seq, max_queue
         self.mixed_steps, self.recovery_s = mixed_steps, recovery_s
         self.engine: PipelineEngine | None = None  # until the planner's first stages are up: the API answers 503
+        self.not_ready = STARTING
         self.stages: list[DeploymentHandle] = []
         self.plan: dict = {}
         self.generation = self.replans = 0
         self._follower = asyncio.get_event_loop().create_task(self._follow(planner))
 
     def __serve_build_asgi_app__(self):
-        return build_app(lambda: self.engine)
+        return build_app(lambda: self.engine, lambda: self.not_ready)
 
     async def _follow(self, planner: DeploymentHandle) -> None:
+        error = None
         while True:
             try:
-                update = await planner.next_stages.remote(self.generation)
+                update = await planner.next_stages.remote(self.generation, error)
             except Exception:  # the planner restarted, or the call broke: ask again
                 logger.exception("waiting for the planner's stages failed")
                 await asyncio.sleep(1.0)
                 continue
-            await self._switch(update)
+            if "stages" in update:
+                await self._switch(update)
+                continue
+            error = update["error"]
+            self.not_ready = f"the planner could not deploy the stages (it tries again): {error}" if error else STARTING
 
     async def _switch(self, update: dict) -> None:
         chain = ring_over(update["stages"])

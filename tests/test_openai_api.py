@@ -218,6 +218,17 @@ async def test_before_the_engine_exists() -> None:
         assert "llmpq_queue_depth" not in (await http.get("/metrics")).text
 
 
+async def test_why_the_engine_is_not_there_is_said_to_the_client() -> None:
+    reason = "the planner could not deploy the stages: no node offers H900"
+    app = build_app(lambda: None, lambda: reason)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        health = await http.get("/healthz")
+        assert health.status_code == 503 and health.json()["reason"] == reason
+        answer = await http.post("/v1/completions", json={"prompt": "hi"})
+        assert_error(answer, 503, "engine_not_ready")
+        assert answer.json()["error"]["message"] == reason
+
+
 @pytest.mark.parametrize(("path", "body", "status", "code", "param"), [
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model_not_found",

@@ -59,6 +59,22 @@ def wait_ready(router, generation: int = 1, timeout_s: float = 300):
     return router
 
 
+def test_stages_of_a_type_no_node_offers_are_refused_with_a_reason(cluster, demo_checkpoint):
+    from deployments.app import build_app
+
+    serve.run(build_app({"model": str(demo_checkpoint("llama")), "stages": [{"accelerator_type": "H900",
+                                                                           "layers": [0, 3]}],
+                         "prefill_micro_batch": 1, "decode_micro_batch": 1, "max_context": 64}),
+              name="llmpq", route_prefix="/")
+    deadline = time.monotonic() + 120
+    while "H900" not in (health := httpx.get(f"{cluster}/healthz", timeout=30)).json().get("reason", ""):
+        assert time.monotonic() < deadline, health.text
+        time.sleep(0.5)
+    assert health.status_code == 503 and "T4" in health.json()["reason"] and "V100" in health.json()["reason"]
+    answer = httpx.post(f"{cluster}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+    assert answer.status_code == 503 and "H900" in answer.json()["error"]["message"]
+
+
 def complete(url: str, prompts: list[str], **body) -> list[dict]:
     def one(p):
         r = httpx.post(f"{url}/v1/completions", json={"prompt": p, **body}, timeout=120)

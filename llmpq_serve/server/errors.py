@@ -36,8 +36,11 @@ def engine_failed(reason: str) -> APIError:
     return APIError(503, f"the engine failed: {reason}", error_type="server_error", code="engine_error")
 
 
-def engine_not_ready() -> APIError:
-    return APIError(503, "the model is not loaded yet", error_type="server_error", code="engine_not_ready")
+NOT_LOADED = "the model is not loaded yet"
+
+
+def engine_not_ready(reason: str = NOT_LOADED) -> APIError:
+    return APIError(503, reason, error_type="server_error", code="engine_not_ready")
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:

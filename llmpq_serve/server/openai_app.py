@@ -17,7 +17,7 @@ from llmpq_serve import __version__
 from llmpq_serve.runtime.sampling import SamplingParams
 from llmpq_serve.server import sse
 from llmpq_serve.server.engine import Engine, GenerationEvent
-from llmpq_serve.server.errors import APIError, engine_not_ready, install_error_handlers
+from llmpq_serve.server.errors import NOT_LOADED, APIError, engine_not_ready, install_error_handlers
 from llmpq_serve.server.formats import ChatFormat, CompletionFormat, Format
 from llmpq_serve.server.generation import Generation
 from llmpq_serve.server.metrics import RequestCounter, ServerMetrics
@@ -35,16 +35,17 @@ logger = logging.getLogger(__name__)
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
-def build_app(get_engine: Callable[[], Engine | None]) -> FastAPI:
+def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], str] = lambda: NOT_LOADED) -> FastAPI:
     """The API over whatever engine `get_engine` returns at each request, so the engine may arrive after the app is
-    built; while it returns None, the API answers 503 and /healthz says not ready.
+    built; while it returns None, the API answers 503 and /healthz says not ready, both with `not_ready()` as the
+    reason.
 
     A Ray Serve ingress is best built in its replica, where its engine is: a class decorated `@serve.ingress()` whose
     `__serve_build_asgi_app__(self)` returns `build_app(lambda: self.engine)`. `@serve.ingress(app)` instead pickles
     `app` into each replica, where a lambda over a module global would read a copy of it, never updated: pass a
     module-level function there, which pickles by reference."""
     app = FastAPI(title="llmpq-serve", version=__version__)
-    metrics = ServerMetrics(health=lambda: _health(get_engine()))
+    metrics = ServerMetrics(health=lambda: _health(get_engine(), not_ready))
     install_error_handlers(app)
     app.add_middleware(RequestCounter, counter=metrics.requests, paths=GENERATION_PATHS)
     started = int(time.time())
@@ -52,7 +53,7 @@ def build_app(get_engine: Callable[[], Engine | None]) -> FastAPI:
     def engine_for(model: str | None) -> Engine:
         engine = get_engine()
         if engine is None:
-            raise engine_not_ready()
+            raise engine_not_ready(not_ready())
         if model is not None and model != engine.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {engine.model_name!r}",
                            param="model", code="model_not_found")
@@ -88,7 +89,7 @@ def build_app(get_engine: Callable[[], Engine | None]) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        health = _health(get_engine())
+        health = _health(get_engine(), not_ready)
         return JSONResponse(health, status_code=200 if health.get("ready") else 503)
 
     @app.get("/metrics")
@@ -98,10 +99,10 @@ def build_app(get_engine: Callable[[], Engine | None]) -> FastAPI:
     return app
 
 
-def _health(engine: Engine | None) -> dict:
+def _health(engine: Engine | None, not_ready: Callable[[], str]) -> dict:
     """Never raises: a probe must get an answer, and an engine whose health check fails is not ready."""
     if engine is None:
-        return {"ready": False, "reason": "the model is not loaded yet"}
+        return {"ready": False, "reason": not_ready()}
     try:
         return engine.health()
     except Exception as exc:
