@@ -143,6 +143,8 @@ class Scheduler:
 
     async def stop(self) -> None:
         tasks = self._tasks + list(self._steps)
+        if self._recovery is not None and self._recovery is not asyncio.current_task():
+            tasks.append(self._recovery)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -154,8 +156,6 @@ class Scheduler:
         micro-batches on their way through the old chain are abandoned; each request that had started is prefilled
         again on the new chain with its prompt and the tokens it has produced, then decodes on, so its client's
         stream goes on where it was. Requests keep their order. Returns how many had started."""
-        if self._recovery is not None and self._recovery is not asyncio.current_task():
-            self._recovery.cancel()
         if chain is not self.chain:
             self._lost_since = None
         await self.stop()
