@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import uuid
+from collections import Counter
 from typing import Any
 
 import ray
@@ -83,10 +84,26 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
             result.model_dump(mode="json"))
 
 
-def accelerator_types() -> set[str]:
-    """The accelerator types the alive nodes offer."""
-    return {k.split(":", 1)[1] for n in ray.nodes() if n["Alive"] for k in n["Resources"]
-            if k.startswith("accelerator_type:")}
+def gpus_by_type(nodes: list[dict]) -> Counter:
+    """GPUs the alive nodes of `ray.nodes()` offer, per accelerator type."""
+    offered: Counter = Counter()
+    for n in nodes:
+        if n["Alive"]:
+            for key in n["Resources"]:
+                if key.startswith("accelerator_type:"):
+                    offered[key.split(":", 1)[1]] += n["Resources"].get("GPU", 0)
+    return offered
+
+
+def unplaceable(types: list[str], offered: Counter) -> str | None:
+    """Why stages of these accelerator types (one GPU each) cannot all be placed, or None: Serve would wait for
+    the missing GPUs forever."""
+    for ray_type, needed in Counter(types).items():
+        if needed > offered[ray_type]:
+            have = ", ".join(f"{t}: {n:g}" for t, n in sorted(offered.items())) or "none"
+            return (f"{needed} stage(s) need a GPU of accelerator_type {ray_type!r}, the alive nodes offer "
+                    f"{offered[ray_type]:g} (GPUs by type: {have})")
+    return None
 
 
 def gpu_nodes() -> frozenset:
@@ -150,11 +167,9 @@ class Planner:
 
     async def _deploy(self) -> None:
         stages, prefill_mb, decode_mb, doc = await asyncio.to_thread(solve_plan, self.config, self.path, self.quant)
-        offered = await asyncio.to_thread(accelerator_types)
-        for i, (ray_type, _) in enumerate(stages):
-            if ray_type not in offered:  # Serve would wait for such a node forever
-                raise ValueError(f"stage {i} needs a GPU of accelerator_type {ray_type!r}, which no alive node offers "
-                                 f"(they offer: {', '.join(sorted(offered)) or 'none'})")
+        why = unplaceable([t for t, _ in stages], gpus_by_type(await asyncio.to_thread(ray.nodes)))
+        if why is not None:
+            raise ValueError(why)
         if (stages, prefill_mb, decode_mb) == self._layout:
             logger.info("the cluster changed but the plan did not: the stages stay")
             return

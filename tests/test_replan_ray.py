@@ -98,3 +98,16 @@ def test_nodes_joining_and_leaving_replan_without_losing_a_stream(cluster, demo_
     assert status["replans"] >= 2 and status["resumed_requests"] >= len(PROMPTS)  # all were moved mid-stream
     assert gone.node_id not in {p["node_id"] for p in router.placements.remote().result()}
     assert v100 is not None
+
+
+def test_stages_beyond_the_gpus_of_their_type_are_refused_with_a_reason():
+    from deployments.planner import gpus_by_type, unplaceable
+
+    offered = gpus_by_type([{"Alive": True, "Resources": {"CPU": 2, "GPU": 2, "accelerator_type:T4": 1}},
+                            {"Alive": False, "Resources": {"GPU": 1, "accelerator_type:V100": 1}},
+                            {"Alive": True, "Resources": {"CPU": 2}}])
+    assert dict(offered) == {"T4": 2}
+    assert unplaceable(["T4", "T4"], offered) is None
+    assert unplaceable(["T4"] * 3, offered) == ("3 stage(s) need a GPU of accelerator_type 'T4', the alive nodes "
+                                                "offer 2 (GPUs by type: T4: 2)")
+    assert "'V100', the alive nodes offer 0" in unplaceable(["T4", "V100"], offered)
