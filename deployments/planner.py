@@ -23,7 +23,7 @@ from deployments.stage import StageDeployment
 from llmpq_serve.config import ServeConfig
 from llmpq_serve.runtime.scheduler import slot_count
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec, default_quant_dir
-from llmpq_serve.spec import GPUSpec
+from llmpq_serve.spec import GPUSpec, accelerator_types
 
 logger = logging.getLogger("llmpq")
 
@@ -89,9 +89,8 @@ def gpus_by_type(nodes: list[dict]) -> Counter:
     offered: Counter = Counter()
     for n in nodes:
         if n["Alive"]:
-            for key in n["Resources"]:
-                if key.startswith("accelerator_type:"):
-                    offered[key.split(":", 1)[1]] += n["Resources"].get("GPU", 0)
+            for ray_type in accelerator_types(n["Resources"]):
+                offered[ray_type] += n["Resources"].get("GPU", 0)
     return offered
 
 
@@ -106,11 +105,11 @@ def unplaceable(types: list[str], offered: Counter) -> str | None:
     return None
 
 
-def gpu_nodes() -> frozenset:
-    """The alive nodes that offer GPUs, with their accelerator types and GPU counts: what a plan depends on."""
-    return frozenset((n["NodeID"], tuple(sorted(k for k in n["Resources"] if k.startswith("accelerator_type:"))),
-                      n["Resources"]["GPU"])
-                     for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU"))
+def gpu_nodes(nodes: list[dict]) -> frozenset:
+    """The alive nodes of `ray.nodes()` that offer GPUs, with their accelerator types and GPU counts: what a plan
+    depends on."""
+    return frozenset((n["NodeID"], tuple(sorted(accelerator_types(n["Resources"]))), n["Resources"]["GPU"])
+                     for n in nodes if n["Alive"] and n["Resources"].get("GPU"))
 
 
 # The router's long poll is always in flight here, and would hold a replica that goes down (a redeploy of the app)
@@ -147,11 +146,12 @@ class Planner:
         await asyncio.to_thread(self._remove_stale_stage_apps)
         seen = None
         while True:
-            nodes = await asyncio.to_thread(gpu_nodes)
-            if nodes != seen:
+            nodes = await asyncio.to_thread(ray.nodes)
+            members = gpu_nodes(nodes)
+            if members != seen:
                 try:
-                    await self._deploy()
-                    seen = nodes
+                    await self._deploy(nodes)
+                    seen = members
                     await self._report(None)
                 except Exception as e:  # reported to the router and by status(); tried again at the next poll
                     logger.exception("planning or deploying the stages failed")
@@ -165,9 +165,9 @@ class Planner:
             self.error = error
             self._changed.notify_all()
 
-    async def _deploy(self) -> None:
+    async def _deploy(self, nodes: list[dict]) -> None:
         stages, prefill_mb, decode_mb, doc = await asyncio.to_thread(solve_plan, self.config, self.path, self.quant)
-        why = unplaceable([t for t, _ in stages], gpus_by_type(await asyncio.to_thread(ray.nodes)))
+        why = unplaceable([t for t, _ in stages], gpus_by_type(nodes))
         if why is not None:
             raise ValueError(why)
         if (stages, prefill_mb, decode_mb) == self._layout:

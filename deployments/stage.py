@@ -11,6 +11,7 @@ from ray import serve
 from llmpq_serve.runtime.local import StageRunner
 from llmpq_serve.runtime.ring import StageLoop
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec
+from llmpq_serve.spec import accelerator_types
 
 
 @serve.deployment(num_replicas=1)
@@ -32,6 +33,5 @@ class StageDeployment:
         """Where this replica runs: its node and that node's accelerator type."""
         node_id = ray.get_runtime_context().get_node_id()
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-        types = [k.split(":", 1)[1] for k in node["Resources"] if k.startswith("accelerator_type:")]
-        return {"node_id": node_id, "accelerator_types": types, "device": str(self.runner.shard.device),
+        return {"node_id": node_id, "accelerator_types": accelerator_types(node["Resources"]), "device": str(self.runner.shard.device),
                 "weight_bytes": self.runner.shard.weight_bytes(), "kv_cache_bytes": self.runner.cache.nbytes()}

@@ -161,6 +161,11 @@ class Workload(BaseModel):
         return self.prompt_len + self.gen_len
 
 
+def accelerator_types(resources: dict[str, float]) -> list[str]:
+    """The GPU types a Ray node's resources declare, as `accelerator_type:<TYPE>` keys."""
+    return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+
+
 class DeviceSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -238,7 +243,7 @@ class ClusterSpec(BaseModel):
             if not node.get("Alive"):
                 continue
             res = node.get("Resources", {})
-            types = [k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")]
+            types = accelerator_types(res)
             count = int(res.get("GPU", 0))
             if not types or not count:
                 continue
