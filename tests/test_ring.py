@@ -1,5 +1,5 @@
 """The stage ring (the Ray layer's data plane) without Ray: stage loops in threads of this process, linked by real
-gloo groups. Its output equals the in-process transport's, a stage that fails a micro-batch fails only those
+TCP links. Its output equals the in-process transport's, a stage that fails a micro-batch fails only those
 requests, and messages keep their dtype, shape and metadata."""
 
 import asyncio
@@ -78,31 +78,56 @@ def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_check
     assert engine.scheduler.pool.free == engine.scheduler.pool.slots
 
 
-def test_messages_keep_dtype_shape_and_metadata():
+def open_ring(world: int) -> list[ring.Links]:
     port = ring.free_port(HOST)
-    groups = {}
+    links = {}
 
     def open_rank(rank):
-        groups[rank] = ring.connect(HOST, port, rank, 2)
+        links[rank] = ring.connect(HOST, port, rank, world)
 
-    threads = [threading.Thread(target=open_rank, args=(r,)) for r in (0, 1)]
+    threads = [threading.Thread(target=open_rank, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    payloads = [torch.arange(6).view(2, 3), torch.randn(2, 1, 5), torch.randn(3, 4).bfloat16(), None]
-    for payload in payloads:
-        meta = {"rows": ([0, 1], [3, 4], [1, 1]), "note": "x" * (len(str(payload)) % 7)}
-        # a send completes only once its receiver takes it
-        sender = threading.Thread(target=ring.send, args=(groups[0], 1, meta, payload))
-        sender.start()
-        got_meta, got = ring.recv(groups[1], 0)
-        sender.join(timeout=60)
-        assert got_meta == meta
-        if payload is None:
-            assert got is None
-        else:
-            assert got.dtype == payload.dtype and torch.equal(got, payload)
+    return [links[r] for r in range(world)]
+
+
+def test_messages_keep_dtype_shape_and_metadata():
+    links = open_ring(2)
+    big = torch.randn(512, 1024)  # 2 MB: more than one socket read
+    payloads = [torch.arange(6).view(2, 3), torch.randn(2, 1, 5), torch.randn(3, 4).bfloat16(), None, big,
+                torch.empty(0, 4)]
+    try:
+        for payload in payloads:
+            meta = {"rows": ([0, 1], [3, 4], [1, 1]), "note": "x" * (len(str(payload)) % 7)}
+            sender = threading.Thread(target=links[0].send, args=(meta, payload))  # a big one waits for the reader
+            sender.start()
+            got_meta, got = links[1].recv()
+            sender.join(timeout=60)
+            assert got_meta == meta
+            if payload is None:
+                assert got is None
+            else:
+                assert got.dtype == payload.dtype and torch.equal(got, payload)
+        # and the other way round the ring (rank 1's next is rank 0)
+        links[1].send({"back": True}, torch.ones(3))
+        assert links[0].recv()[0] == {"back": True}
+    finally:
+        for link in links:
+            link.close()
+
+
+def test_a_closed_link_fails_the_neighbour_instead_of_hanging():
+    links = open_ring(3)
+    links[1].close()  # rank 1 is gone: rank 2 reads from it and rank 0 writes to it
+    with pytest.raises(OSError):
+        links[2].recv()
+    with pytest.raises(OSError):
+        for _ in range(100):  # the kernel may take the first writes before it learns the peer is gone
+            links[0].send({}, torch.zeros(1024))
+    for link in (links[0], links[2]):
+        link.close()
 
 
 def serve_stage(path, spec, slots, max_seq, host, port):

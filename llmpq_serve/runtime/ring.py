@@ -1,9 +1,12 @@
-"""The pipeline's data plane: micro-batches travel router -> stage 0 -> ... -> last stage -> router over
-point-to-point torch.distributed (gloo) links, as pipeline-parallel engines do, rather than as one RPC per hop.
+"""The pipeline's data plane: micro-batches travel router -> stage 0 -> ... -> last stage -> router over plain TCP
+links, one per neighbouring pair, opened once per ring, rather than as one RPC per hop.
 
-A Ray Serve handle call cost about a millisecond of CPU on each side and two of latency per hop on the CPU demo; a
-gloo send over an open TCP link costs well under a tenth of that. With a hop per stage per decode step, that
-difference was a large part of every step. Control (where to connect, placement, health) stays on Serve handles.
+A Ray Serve handle call cost about a millisecond of CPU on each side and two of latency per hop on the CPU demo. The
+ring's first links were torch.distributed gloo pairs, whose every message waits for its receiver to post a
+matching receive: a round trip of handshakes, each waiting for the other process to get a core. On the 2-core demo,
+with the stages and the router busy, that cost 1-4 ms per hop (a 16 KB ping-pong: 0.5 ms idle, 4.4 ms with both
+cores busy), against 0.07 / 0.17 ms for a TCP socket, whose sender hands the bytes to the kernel and goes on.
+Control (where to connect, placement, health) stays on Serve handles; torch's TCPStore only introduces the ranks.
 
 Ranks: the router is 0, stage i is i + 1. Each stage runs one loop thread: receive from the previous rank, run the
 micro-batch, send to the next; so every stage works on micro-batches in arrival order, one at a time, and several
@@ -17,7 +20,8 @@ import collections
 import datetime
 import logging
 import pickle
-import queue
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -31,19 +35,10 @@ from llmpq_serve.runtime.transfer import to_host
 
 logger = logging.getLogger(__name__)
 
-# Links stay open while the service idles; a dead peer is noticed by its closed socket, not by this timeout.
-LINK_TIMEOUT = datetime.timedelta(days=365)
 CONNECT_TIMEOUT = datetime.timedelta(minutes=10)  # every rank must have joined by then (stages load their weights)
 JOIN_TIMEOUT_S = 60.0  # the stages' answer to a join call (a replica on a node that left never answers)
-_TAG = 0
-
-
-def connect(host: str, port: int, rank: int, world: int) -> dist.ProcessGroup:
-    """This process's links to the others of a ring whose rank 0 listens on host:port; blocks until all joined."""
-    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=CONNECT_TIMEOUT,
-                          wait_for_workers=False)
-    # a fresh group object, not the process-wide default group: a redeploy builds a new ring in the same process
-    return dist.ProcessGroupGloo(store, rank, world, LINK_TIMEOUT)
+_PREFIX = struct.Struct("<IQ")  # a message: header bytes, payload bytes; then the pickled header, then the payload
+_RANK = struct.Struct("<I")  # the first bytes on a link: who opened it
 
 
 class RingError(RuntimeError):
@@ -54,33 +49,90 @@ class RingDownError(RingError, ChainLostError):
     """The ring itself broke or could not open (a stage's process is gone): the scheduler keeps the requests."""
 
 
-def send(group: dist.ProcessGroup, dst: int, meta: dict, payload: torch.Tensor | None) -> None:
-    """One message: a size header, then the pickled metadata and the payload's bytes in one buffer."""
-    meta = dict(meta)
-    body = b""
-    if payload is not None:
-        payload = to_host(payload.detach()).contiguous()
-        meta["dtype"], meta["shape"] = payload.dtype, tuple(payload.shape)
-        body = payload.view(-1).view(torch.uint8)
-    header = pickle.dumps(meta)
-    # padded to 8 bytes so that the payload after it can be viewed as any dtype (pickle ignores the padding)
-    head = torch.frombuffer(bytearray(header + bytes(-len(header) % 8)), dtype=torch.uint8)
-    buffer = torch.cat([head, body]) if len(body) else head
-    group.send([torch.tensor([buffer.numel(), head.numel()], dtype=torch.int64)], dst, _TAG).wait()
-    group.send([buffer], dst, _TAG).wait()
+class Links:
+    """One rank's place in a ring: the link from the previous rank and the one to the next. `send` returns once the
+    kernel has the bytes; `recv` blocks until a whole message is in. Each link is used by one thread at a time."""
+
+    def __init__(self, store: dist.TCPStore, inbound: socket.socket, outbound: socket.socket):
+        self._store = store  # rank 0 serves the store: it must outlive the others' look-ups of their neighbours
+        self.inbound, self.outbound = inbound, outbound
+
+    def send(self, meta: dict, payload: torch.Tensor | None) -> None:
+        meta = dict(meta)
+        body = None
+        if payload is not None:
+            payload = to_host(payload.detach()).contiguous()
+            meta["dtype"], meta["shape"] = payload.dtype, tuple(payload.shape)
+            body = payload.view(-1).view(torch.uint8).numpy()  # no copy; any dtype, bfloat16 too
+        header = pickle.dumps(meta)
+        size = 0 if body is None else body.nbytes
+        self.outbound.sendall(_PREFIX.pack(len(header), size) + header)
+        if size:
+            self.outbound.sendall(body)
+
+    def recv(self) -> tuple[dict, torch.Tensor | None]:
+        header, size = _PREFIX.unpack(_read(self.inbound, _PREFIX.size))
+        meta = pickle.loads(_read(self.inbound, header))
+        if "dtype" not in meta:
+            return meta, None
+        buffer = torch.empty(size, dtype=torch.uint8)
+        _read_into(self.inbound, memoryview(buffer.numpy()))
+        return meta, buffer.view(meta.pop("dtype")).reshape(meta.pop("shape"))
+
+    def close(self) -> None:
+        """Both links down: a thread blocked in `recv` here returns with an error, and so do the neighbours'."""
+        for sock in (self.inbound, self.outbound):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already closed by the peer
+                pass
+            sock.close()
 
 
-def recv(group: dist.ProcessGroup, src: int) -> tuple[dict, torch.Tensor | None]:
-    sizes = torch.empty(2, dtype=torch.int64)
-    group.recv([sizes], src, _TAG).wait()
-    total, head = sizes.tolist()
-    buffer = torch.empty(total, dtype=torch.uint8)
-    group.recv([buffer], src, _TAG).wait()
-    meta = pickle.loads(buffer[:head].numpy().tobytes())
-    if "dtype" not in meta:
-        return meta, None
-    payload = buffer[head:].view(meta.pop("dtype")).reshape(meta.pop("shape"))
-    return meta, payload
+def connect(host: str, port: int, rank: int, world: int) -> Links:
+    """This process's links in a ring of `world` ranks whose rank 0 serves the rendezvous store on host:port: each
+    rank listens, publishes its address, connects to the next rank and accepts the previous one. Blocks until both
+    links are up."""
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=CONNECT_TIMEOUT, wait_for_workers=False)
+    timeout = CONNECT_TIMEOUT.total_seconds()
+    with socket.create_server(("", 0)) as listener:
+        listener.settimeout(timeout)
+        store.set(f"ring/{rank}", f"{_address_toward(host)}:{listener.getsockname()[1]}")
+        peer_host, peer_port = store.get(f"ring/{(rank + 1) % world}").decode().rsplit(":", 1)
+        outbound = socket.create_connection((peer_host, int(peer_port)), timeout=timeout)
+        outbound.sendall(_RANK.pack(rank))
+        inbound, _ = listener.accept()
+    inbound.settimeout(timeout)
+    (prev,) = _RANK.unpack(_read(inbound, _RANK.size))
+    if prev != (rank - 1) % world:
+        raise ConnectionError(f"rank {rank} was reached by rank {prev}, not by its previous rank {(rank - 1) % world}")
+    for sock in (inbound, outbound):
+        sock.settimeout(None)  # links idle as long as the service does; a dead peer is noticed by its closed socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a decode step is one small message
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # and a vanished node, by keep-alive probes
+    return Links(store, inbound, outbound)
+
+
+def _address_toward(host: str) -> str:
+    """This machine's address on the route to `host` (what the other ranks, which reach `host` too, can reach)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))  # a UDP connect only picks the route; nothing is sent
+        return probe.getsockname()[0]
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    _read_into(sock, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _read_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("the link closed")
+        got += n
 
 
 class StageLoop:
@@ -96,34 +148,29 @@ class StageLoop:
         self.thread.start()
 
     def _serve(self, host: str, port: int) -> None:
-        rank, world = self.index + 1, self.stages + 1
         try:
-            group = connect(host, port, rank, world)
+            links = connect(host, port, self.index + 1, self.stages + 1)
         except Exception:  # the router times out waiting for this stage and reports it
             logger.exception("stage %d could not join the ring at %s:%d", self.index, host, port)
             return
-        prev, nxt = rank - 1, (rank + 1) % world
-        while True:
-            try:
-                meta, x = recv(group, prev)
-            except Exception:  # a peer went away: this ring is over, a redeploy builds a new one
-                logger.warning("stage %d: ring closed", self.index, exc_info=True)
-                return
-            out = None
-            if "error" not in meta:
-                start = time.perf_counter()
-                try:
-                    out = self.run(meta["rows"], x)
-                except Exception as e:  # this micro-batch fails; the ring and its order go on
-                    logger.exception("stage %d failed on a micro-batch", self.index)
-                    meta = {"error": f"stage {self.index}: {type(e).__name__}: {e}"}
-                else:
-                    meta["busy"] = [*meta.get("busy", []), time.perf_counter() - start]
-            try:
-                send(group, nxt, meta, out)
-            except Exception:  # as for recv
-                logger.warning("stage %d: ring closed", self.index, exc_info=True)
-                return
+        try:
+            while True:
+                meta, x = links.recv()
+                out = None
+                if "error" not in meta:
+                    start = time.perf_counter()
+                    try:
+                        out = self.run(meta["rows"], x)
+                    except Exception as e:  # this micro-batch fails; the ring and its order go on
+                        logger.exception("stage %d failed on a micro-batch", self.index)
+                        meta = {"error": f"stage {self.index}: {type(e).__name__}: {e}"}
+                    else:
+                        meta["busy"] = [*meta.get("busy", []), time.perf_counter() - start]
+                links.send(meta, out)
+        except OSError:  # a neighbour went away: this ring is over, a redeploy builds a new one
+            logger.warning("stage %d: ring closed", self.index, exc_info=True)
+        finally:
+            links.close()
 
 
 class RingChain:
@@ -151,7 +198,7 @@ class RingChain:
         except Exception as e:  # a stage could not join: the chain is as down as with a broken ring
             raise RingDownError(f"the stage ring could not open: {type(e).__name__}: {e}") from e
         future = asyncio.get_running_loop().create_future()
-        link.outbox.put((rows, x, future))
+        link.submit(rows, x, future)
         return await future
 
     async def _open(self) -> _Link:
@@ -169,42 +216,35 @@ class RingChain:
 
 
 class _Link:
-    """One open ring, seen from the router: a thread that sends, one that receives, and what is in flight."""
+    """One open ring, seen from the router: micro-batches are sent from the event loop (token ids only: small, and
+    the kernel takes them at once), a thread receives what the last stage returns; `pending` is what is in flight."""
 
-    def __init__(self, group: dist.ProcessGroup, stages: int, busy_s: list[float]):
-        self.group, self.stages, self.busy_s = group, stages, busy_s
-        self.outbox: queue.Queue = queue.Queue()
+    def __init__(self, links: Links, stages: int, busy_s: list[float]):
+        self.links, self.stages, self.busy_s = links, stages, busy_s
         self.pending: collections.deque[asyncio.Future] = collections.deque()
         self.lock = threading.Lock()
         self.broken: BaseException | None = None
-        threading.Thread(target=self._send_loop, name="ring-send", daemon=True).start()
         threading.Thread(target=self._recv_loop, name="ring-recv", daemon=True).start()
 
     def close(self) -> None:
         self._fail_all(RingDownError("the stage ring was closed"), expected=True)
-        self.outbox.put(None)
 
-    def _send_loop(self) -> None:
-        while True:
-            item = self.outbox.get()
-            if item is None:
+    def submit(self, rows: Any, x: torch.Tensor, future: asyncio.Future) -> None:
+        with self.lock:
+            if self.broken is not None:
+                _settle(future, RingDownError(f"the stage ring is down: {self.broken}"))
                 return
-            rows, x, future = item
-            with self.lock:
-                if self.broken is not None:
-                    _settle(future, RingDownError(f"the stage ring is down: {self.broken}"))
-                    continue
-                self.pending.append(future)
-            try:
-                send(self.group, 1, {"rows": rows}, x)
-            except Exception as e:  # noqa: BLE001 - stage 0 is gone: fail what is in flight
-                self._fail_all(e)
+            self.pending.append(future)  # before the send: the answer may come back at once
+        try:
+            self.links.send({"rows": rows}, x)
+        except OSError as e:  # stage 0 is gone: fail what is in flight
+            self._fail_all(e)
 
     def _recv_loop(self) -> None:
         while True:
             try:
-                meta, out = recv(self.group, self.stages)
-            except Exception as e:  # noqa: BLE001 - the last stage is gone
+                meta, out = self.links.recv()
+            except Exception as e:  # noqa: BLE001 - the last stage is gone, or close() took the links down
                 self._fail_all(e)
                 return
             with self.lock:
@@ -218,13 +258,14 @@ class _Link:
 
     def _fail_all(self, error: BaseException, expected: bool = False) -> None:
         with self.lock:
-            if self.broken is None and not expected:
-                logger.error("the stage ring is down", exc_info=error)
-            self.broken = error
+            if self.broken is None:
+                if not expected:
+                    logger.error("the stage ring is down", exc_info=error)
+                self.broken = error
+                # the surviving stages' loops see their links close and stop
+                self.links.close()
             while self.pending:
                 _settle(self.pending.popleft(), RingDownError(f"the stage ring is down: {error}"))
-            # nothing holds the links open any more: the surviving stages' loops see them close and stop
-            self.group = None
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:
