@@ -137,7 +137,7 @@ def baseline_run(path: Path, reqs: list[tuple[list[int], int]], batch: int) -> d
 
 
 def start_demo(port: int, direct_port: int, prefill_micro_batch: int, decode_micro_batch: int,
-               mixed_steps: bool = False) -> subprocess.Popen:
+               mixed_steps: bool = False, prefill_chunk: int | None = None) -> subprocess.Popen:
     """The demo app with a fixed even 2-stage split (the stages share this machine's CPU, so a split planned for
     the simulated GPU types would not be balanced here)."""
     config = yaml.safe_load((ROOT / "deployments" / "demo.yaml").read_text())
@@ -147,6 +147,8 @@ def start_demo(port: int, direct_port: int, prefill_micro_batch: int, decode_mic
                                                                           "layers": [4, 8]}],
                  "prefill_micro_batch": prefill_micro_batch, "decode_micro_batch": decode_micro_batch,
                  "mixed_steps": mixed_steps})
+    if prefill_chunk is not None:  # else the config's own
+        args["prefill_chunk_tokens"] = prefill_chunk or None
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
     return subprocess.Popen([sys.executable, "-m", "deployments.simulated_cluster", f.name, "--gpus", "T4", "V100",
@@ -176,6 +178,8 @@ def main() -> int:
     parser.add_argument("--decode-micro-batch", type=int, default=16, help="of the started demo app")
     parser.add_argument("--mixed-steps", action="store_true", help="of the started demo app: prefills ride along "
                         "with decode steps")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="of the started demo app: prompt tokens "
+                        "per prefill micro-batch (0: whole prompts; default: the demo config's)")
     parser.add_argument("--no-stream", action="store_true",
                         help="non-streaming requests (no TTFT/TPOT): shows what per-token streaming costs")
     parser.add_argument("--json", action="store_true")
@@ -192,7 +196,7 @@ def main() -> int:
         direct_port, proxy_port = free_port(), free_port()
         url, proxy_url = f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{proxy_port}"
         server = start_demo(proxy_port, direct_port, args.prefill_micro_batch, args.decode_micro_batch,
-                            args.mixed_steps)
+                            args.mixed_steps, args.prefill_chunk)
     stream = not args.no_stream
     try:
         wait_ready(url)

@@ -33,6 +33,9 @@ class ServeConfig(BaseModel):
     max_context: int = Field(512, gt=0, description="prompt + max_tokens of one request")
     max_queue: int = Field(256, gt=0, description="waiting requests beyond which the router answers 429")
     mixed_steps: bool = Field(False, description="prefills ride along with decode steps (less compute, more latency)")
+    prefill_chunk_tokens: int | None = Field(
+        None, gt=0, description="prompt tokens per prefill micro-batch: a long prompt is prefilled in pieces between "
+        "decode steps instead of holding them up (default: whole prompts)")
     replan_poll_s: float = Field(5.0, gt=0, description="how often the planner looks at the cluster's GPU nodes")
     recovery_timeout_s: float = Field(
         300.0, gt=0, description="how long requests wait for lost stages to come back or be re-planned before failing")

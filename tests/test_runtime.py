@@ -173,6 +173,30 @@ def test_mixed_steps_carry_prefills_in_decode_steps_and_keep_the_tokens(demo_che
     assert any(mixed)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_chunked_prefill_splits_prompts_and_keeps_the_tokens(demo_checkpoint, arch):
+    """With prefill_chunk, a prefill micro-batch carries at most that many prompt tokens, pieces of one prompt
+    continue where the last stopped, and every request still gets HF's greedy tokens."""
+    path = demo_checkpoint(arch)
+    engine = local_engine(path, even_stages(3, 2), prefill_micro_batch=2, decode_micro_batch=4, max_batch=4,
+                          max_seq=128, prefill_chunk=5)
+    chain = engine.scheduler.chain
+    prefills = []
+    forward = chain.forward
+
+    async def recording(rows, x):
+        if any(n > 1 for n in rows.counts):
+            prefills.append(rows)
+        return await forward(rows, x)
+
+    chain.forward = recording
+    got = asyncio.run(run_all(engine, PROMPTS, SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)))
+    assert got == hf_greedy(path, PROMPTS)
+    assert prefills and all(sum(rows.counts) <= 5 for rows in prefills)
+    assert any(s > 0 and n > 1 for rows in prefills for s, n in zip(rows.starts, rows.counts))  # a continued piece
+    assert engine.scheduler.pool.free == engine.scheduler.pool.slots
+
+
 def test_switching_to_a_new_chain_mid_generation_keeps_every_stream(demo_checkpoint):
     """A re-plan moves live requests to other stages and micro-batch sizes: each is prefilled again with its prompt
     and the tokens it had produced, and its stream goes on to exactly HF's greedy output."""

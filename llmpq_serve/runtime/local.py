@@ -63,12 +63,14 @@ class LocalChain:
 
 def local_engine(path: str | Path, stages: list[StageSpec], prefill_micro_batch: int, decode_micro_batch: int,
                  max_batch: int, max_seq: int, device: str = "cpu", quant: QuantOptions | None = None,
-                 max_queue: int = 256, plan: dict | None = None, mixed_steps: bool = False) -> PipelineEngine:
+                 max_queue: int = 256, plan: dict | None = None, mixed_steps: bool = False,
+                 prefill_chunk: int | None = None) -> PipelineEngine:
     from transformers import AutoTokenizer
 
     slots = slot_count(max_batch, decode_micro_batch)
     runners = [StageRunner(path, s, slots, max_seq, device, quant) for s in stages]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     scheduler = Scheduler.for_batch(LocalChain(runners), tokenizer, prefill_micro_batch, decode_micro_batch,
-                                    max_batch, max_seq, max_queue, mixed_steps)
+                                    max_batch, max_seq, max_queue, mixed_steps,
+                                    prefill_chunk=prefill_chunk)
     return PipelineEngine(scheduler, tokenizer, Path(path).name, lambda: plan or {})
