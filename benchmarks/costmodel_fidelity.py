@@ -6,8 +6,9 @@ end-to-end latency.
 
 Stages are CPU devices of one thread each (the catalog's CPU entry; latencies from profiles/CPU.json, measured with
 `llmpq profile --device cpu --threads 1`), so that a 2-stage pipeline really runs its stages side by side on this
-2-core machine. The prediction is the planner's own (Problem.evaluate). Transports: "local" (the runtime in this
-process, stages in threads) and "ray" (the Serve app on a local Ray cluster whose node declares logical GPUs of type
+2-core machine. The prediction is the planner's own (Problem.evaluate); for the "local" transport (the runtime in
+this process, stages in threads, which take turns on the GIL) its stage times are added up (`taking_turns`) rather
+than overlapped. Transports: "local" and "ray" (the Serve app on a local Ray cluster whose node declares logical GPUs of type
 CPU: stage deployments, the stage ring, the router, timed over HTTP on its own server). Prints {"cases": [...],
 "median_abs_rel_error", "max_abs_rel_error"}.
 

@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -184,6 +185,8 @@ def main() -> int:
                         help="non-streaming requests (no TTFT/TPOT): shows what per-token streaming costs")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    # a plain SIGTERM would skip the `finally` below and leave the started demo cluster running
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from transformers import AutoTokenizer
 
     from llmpq_serve.config import ServeConfig

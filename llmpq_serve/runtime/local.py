@@ -42,8 +42,9 @@ class StageRunner:
 
 class LocalChain:
     """Stages in this process; each stage call runs in a worker thread (torch releases the GIL inside its kernels),
-    so different stages overlap as they would on different devices. A FIFO lock per stage keeps one micro-batch on a
-    stage at a time, in arrival order."""
+    so different stages overlap where their kernels run, while their Python work takes turns on the GIL (most of a
+    step for the small demo models: they then run nearly one after the other). A FIFO lock per stage keeps one
+    micro-batch on a stage at a time, in arrival order."""
 
     def __init__(self, runners: list[StageRunner]):
         self.runners = runners
