@@ -91,7 +91,7 @@ def test_greedy_over_http_matches_hf_generate(cluster, demo_checkpoint, arch, st
     from transformers import AutoTokenizer
 
     path = demo_checkpoint(arch)
-    deploy(path, stages, max_queue=64)
+    deploy(path, stages, max_queue=64, **({"prefill_chunk_tokens": 3} if stages == 3 else {}))  # prompts in pieces
     tok = AutoTokenizer.from_pretrained(str(path))
     out = complete(cluster, PROMPTS, max_tokens=NEW, temperature=0, ignore_eos=True)
     expected = [tok.decode(ids, skip_special_tokens=True) for ids in hf_greedy(path, PROMPTS)]
