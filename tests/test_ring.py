@@ -3,6 +3,7 @@ TCP links. Its output equals the in-process transport's, a stage that fails a mi
 requests, and messages keep their dtype, shape and metadata."""
 
 import asyncio
+import socket
 import threading
 
 import pytest
@@ -78,12 +79,12 @@ def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_check
     assert engine.scheduler.pool.free == engine.scheduler.pool.slots
 
 
-def open_ring(world: int) -> list[ring.Links]:
-    port = ring.free_port(HOST)
+def open_ring(world: int, host: str = HOST) -> list[ring.Links]:
+    port = ring.free_port(host)
     links = {}
 
     def open_rank(rank):
-        links[rank] = ring.connect(HOST, port, rank, world)
+        links[rank] = ring.connect(host, port, rank, world)
 
     threads = [threading.Thread(target=open_rank, args=(r,)) for r in range(world)]
     for t in threads:
@@ -93,8 +94,19 @@ def open_ring(world: int) -> list[ring.Links]:
     return [links[r] for r in range(world)]
 
 
-def test_messages_keep_dtype_shape_and_metadata():
-    links = open_ring(2)
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("host", [HOST, pytest.param("::1", marks=pytest.mark.skipif(
+    not has_ipv6_loopback(), reason="no IPv6 loopback here"))])
+def test_messages_keep_dtype_shape_and_metadata(host):
+    links = open_ring(2, host)
     big = torch.randn(512, 1024)  # 2 MB: more than one socket read
     payloads = [torch.arange(6).view(2, 3), torch.randn(2, 1, 5), torch.randn(3, 4).bfloat16(), None, big,
                 torch.empty(0, 4)]

@@ -95,7 +95,7 @@ def connect(host: str, port: int, rank: int, world: int) -> Links:
     links are up."""
     store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=CONNECT_TIMEOUT, wait_for_workers=False)
     timeout = CONNECT_TIMEOUT.total_seconds()
-    with socket.create_server(("", 0)) as listener:
+    with _listener() as listener:
         listener.settimeout(timeout)
         store.set(f"ring/{rank}", f"{_address_toward(host)}:{listener.getsockname()[1]}")
         peer_host, peer_port = store.get(f"ring/{(rank + 1) % world}").decode().rsplit(":", 1)
@@ -113,10 +113,18 @@ def connect(host: str, port: int, rank: int, world: int) -> Links:
     return Links(store, inbound, outbound)
 
 
+def _listener() -> socket.socket:
+    """A socket listening on a free port of every address of this machine, IPv6 ones too where it has them."""
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("", 0))
+
+
 def _address_toward(host: str) -> str:
     """This machine's address on the route to `host` (what the other ranks, which reach `host` too, can reach)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))  # a UDP connect only picks the route; nothing is sent
+    family, _, _, _, address = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)  # a UDP connect only picks the route; nothing is sent
         return probe.getsockname()[0]
 
 
@@ -284,8 +292,7 @@ def _settle(future: asyncio.Future, result: Any) -> None:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on at `host` right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
+    family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family) as s:
+        s.bind(address)
         return s.getsockname()[1]
