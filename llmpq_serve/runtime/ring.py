@@ -128,10 +128,10 @@ def _address_toward(host: str) -> str:
         return probe.getsockname()[0]
 
 
-def _read(sock: socket.socket, size: int) -> bytes:
+def _read(sock: socket.socket, size: int) -> bytearray:
     buffer = bytearray(size)
     _read_into(sock, memoryview(buffer))
-    return bytes(buffer)
+    return buffer
 
 
 def _read_into(sock: socket.socket, view: memoryview) -> None:

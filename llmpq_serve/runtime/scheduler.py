@@ -328,7 +328,6 @@ class Scheduler:
         pieces = [r.context[r.length:r.length + n] for r, n in fresh]
         rows = RowsSpec([r.slot for r in step], [r.length for r in step], [1] * len(decode) + [len(p) for p in pieces])
         x = torch.tensor([r.last_token for r in decode] + [t for p in pieces for t in p], dtype=torch.long)
-        _t0 = time.perf_counter()
         try:
             logits = await self.chain.forward(rows, x)
         except ChainLostError as e:
