@@ -9,6 +9,12 @@ of held-out standard-library source of varied length; output lengths vary too (t
 both sides produce exactly the asked tokens). Prints output tokens/s of both, their ratio, time to first token and
 time per output token (p50/p99) of the pipeline, and the number of failed requests.
 
+This machine's speed drifts by ±10% within minutes (the same baseline run measured 643 and 716 tok/s a minute
+apart), so one pipeline run against one baseline run says little. The benchmark runs `--rounds` pipeline runs, each
+between two baseline runs (baseline, pipeline, baseline, pipeline, baseline), compares each pipeline run with the
+mean of the two beside it, and reports the median over rounds. The demo app is started for each pipeline run and
+stopped after it, so the baseline never shares the cores with its idle Ray processes.
+
 The started demo runs Serve's throughput-optimized mode, where the router replica serves HTTP itself (direct
 ingress; what Serve's HAProxy mode or a load balancer forwards to) besides Serve's proxy actor on the app's port.
 The headline numbers are measured on the router's own server; `via_proxy_*` repeats the run through the proxy."""
@@ -174,7 +180,9 @@ def main() -> int:
     parser.add_argument("--url", default=None, help="a running app (default: start the demo app)")
     parser.add_argument("--model", default="demo-llama")
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="pipeline runs, each between two baseline runs (this machine's speed drifts)")
     parser.add_argument("--prefill-micro-batch", type=int, default=4, help="of the started demo app")
     parser.add_argument("--decode-micro-batch", type=int, default=16, help="of the started demo app")
     parser.add_argument("--mixed-steps", action="store_true", help="of the started demo app: prefills ride along "
@@ -193,6 +201,24 @@ def main() -> int:
 
     path = ServeConfig(model=args.model).checkpoint()
     reqs = workload(AutoTokenizer.from_pretrained(str(path)), args.requests)
+    stream = not args.no_stream
+    bases = [baseline_run(path, reqs, args.concurrency)]
+    pipes, proxied = [], []
+    for _ in range(args.rounds):
+        pipe, via_proxy = serve_round(args, reqs, stream)
+        pipes.append(pipe)
+        if via_proxy:
+            proxied.append(via_proxy)
+        # the demo is down again: the baseline never shares the cores with its idle Ray processes (~0.1 core)
+        bases.append(baseline_run(path, reqs, args.concurrency))
+    print(json.dumps(report(args.concurrency, len(reqs), bases, pipes, proxied),
+                         indent=None if args.json else 1))
+    return 0
+
+
+def serve_round(args: argparse.Namespace, reqs: list[tuple[list[int], int]], stream: bool) -> tuple[dict, dict | None]:
+    """One pipeline run (and one through the proxy when it starts the demo itself): the demo app is started for it
+    and stopped after, so that the baseline runs beside it have the machine to themselves."""
     server, url, proxy_url = None, args.url, None
     if url is None:
         # the router's own HTTP server (Serve's direct ingress) is the headline; the proxy actor's port is measured too
@@ -200,32 +226,45 @@ def main() -> int:
         url, proxy_url = f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{proxy_port}"
         server = start_demo(proxy_port, direct_port, args.prefill_micro_batch, args.decode_micro_batch,
                             args.mixed_steps, args.prefill_chunk)
-    stream = not args.no_stream
     try:
         wait_ready(url)
         asyncio.run(pipeline_run(url, args.model, reqs[:args.concurrency], args.concurrency))  # warm-up
         pipe = asyncio.run(pipeline_run(url, args.model, reqs, args.concurrency, stream=stream))
-        proxied = proxy_url and asyncio.run(pipeline_run(proxy_url, args.model, reqs, args.concurrency, stream=stream))
+        via_proxy = proxy_url and asyncio.run(pipeline_run(proxy_url, args.model, reqs, args.concurrency,
+                                                           stream=stream))
     finally:
         if server is not None:
             os.killpg(server.pid, 15)
             server.wait(timeout=60)
-    base = baseline_run(path, reqs, args.concurrency)
-    doc = {"concurrency": args.concurrency, "requests": len(reqs),
-           "pipeline_tokens_per_s": round(pipe["tokens"] / pipe["wall_s"], 2),
-           "baseline_tokens_per_s": round(base["tokens"] / base["wall_s"], 2),
-           "ratio": round((pipe["tokens"] / pipe["wall_s"]) / (base["tokens"] / base["wall_s"]), 3),
-           "ttft_p50_s": round(statistics.median(pipe["ttft"]), 4) if pipe["ttft"] else None,
-           "ttft_p99_s": round(percentile(pipe["ttft"], 0.99), 4) if pipe["ttft"] else None,
-           "tpot_p50_s": round(statistics.median(pipe["tpot"]), 4) if pipe["tpot"] else None,
-           "tpot_p99_s": round(percentile(pipe["tpot"], 0.99), 4) if pipe["tpot"] else None,
-           "errors": pipe["errors"]}
+    return pipe, via_proxy
+
+
+def report(concurrency: int, requests: int, bases: list[dict], pipes: list[dict], proxied: list[dict]) -> dict:
+    """Round k's ratio is its pipeline's tokens/s over the mean of the baseline runs just before and after it; the
+    headline numbers are the medians over rounds, latencies pooled over every round."""
+    rate = [r["tokens"] / r["wall_s"] for r in pipes]
+    base = [(bases[k]["tokens"] / bases[k]["wall_s"] + bases[k + 1]["tokens"] / bases[k + 1]["wall_s"]) / 2
+            for k in range(len(pipes))]
+    ratios = [p / b for p, b in zip(rate, base)]
+    ttft = [t for r in pipes for t in r["ttft"]]
+    tpot = [t for r in pipes for t in r["tpot"]]
+    doc = {"concurrency": concurrency, "requests": requests,
+           "pipeline_tokens_per_s": round(statistics.median(rate), 2),
+           "baseline_tokens_per_s": round(statistics.median(base), 2),
+           "ratio": round(statistics.median(ratios), 3),
+           "ttft_p50_s": round(statistics.median(ttft), 4) if ttft else None,
+           "ttft_p99_s": round(percentile(ttft, 0.99), 4) if ttft else None,
+           "tpot_p50_s": round(statistics.median(tpot), 4) if tpot else None,
+           "tpot_p99_s": round(percentile(tpot, 0.99), 4) if tpot else None,
+           "errors": sum(r["errors"] for r in pipes + proxied),
+           "rounds": [{"pipeline_tokens_per_s": round(p, 2), "baseline_tokens_per_s": round(b, 2),
+                       "ratio": round(p / b, 3)} for p, b in zip(rate, base)],
+           "baseline_runs_tokens_per_s": [round(r["tokens"] / r["wall_s"], 2) for r in bases]}
     if proxied:
-        doc["via_proxy_tokens_per_s"] = round(proxied["tokens"] / proxied["wall_s"], 2)
-        doc["via_proxy_ratio"] = round(doc["via_proxy_tokens_per_s"] / doc["baseline_tokens_per_s"], 3)
-        doc["errors"] += proxied["errors"]
-    print(json.dumps(doc) if args.json else json.dumps(doc, indent=1))
-    return 0
+        via = statistics.median(r["tokens"] / r["wall_s"] for r in proxied)
+        doc["via_proxy_tokens_per_s"] = round(via, 2)
+        doc["via_proxy_ratio"] = round(via / doc["baseline_tokens_per_s"], 3)
+    return doc
 
 
 if __name__ == "__main__":

@@ -247,3 +247,52 @@ def test_switching_to_a_new_chain_mid_generation_keeps_every_stream(demo_checkpo
     assert sorted(prefilled) == sorted(at_switch.values())
     assert all(n > len(p) for n, p in zip(at_switch.values(), prompts))
     assert engine.scheduler.pool.free == engine.scheduler.pool.slots and not engine.scheduler.live
+
+
+def test_arrivals_while_the_chain_is_full_of_prefills_form_planned_micro_batches():
+    """Standalone prefills take at most one micro-batch per stage; requests arriving meanwhile wait and go in
+    together (up to the planned prefill micro-batch), rather than each alone: a trickle of 8 requests 5 ms apart
+    into a 2-stage chain whose micro-batch takes 40 ms."""
+    from llmpq_serve.runtime.scheduler import Scheduler
+
+    class SlowChain:
+        def __init__(self):
+            self.stages, self.busy_s = 2, [0.0, 0.0]
+            self.in_flight = self.most = 0
+            self.prefills: list[int] = []
+
+        async def forward(self, rows, x):
+            prefill = any(n > 1 for n in rows.counts)
+            if prefill:
+                self.prefills.append(len(rows.counts))
+                self.in_flight += 1
+                self.most = max(self.most, self.in_flight)
+            await asyncio.sleep(0.04)
+            if prefill:
+                self.in_flight -= 1
+            return torch.zeros(len(rows.counts), 8)
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    chain = SlowChain()
+    scheduler = Scheduler.for_batch(chain, Tok(), 4, 8, 8, 64, 16)
+
+    async def go():
+        async def one(i):
+            await asyncio.sleep(0.005 * i)
+            req = scheduler.submit([1, 2, 3], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+            while (await req.events.get()).finish_reason is None:
+                pass
+
+        try:
+            await asyncio.gather(*[one(i) for i in range(8)])
+        finally:
+            await scheduler.stop()
+
+    asyncio.run(go())
+    assert chain.most == 2
+    assert sum(chain.prefills) == 8 and len(chain.prefills) < 8 and max(chain.prefills) > 1

@@ -132,6 +132,9 @@ class Scheduler:
         self.admitted: deque[list[Request]] = deque()  # prefill micro-batches waiting for a step to carry them
         self.decoding: list[dict[str, Request]] = [{} for _ in range(groups)]
         self._group_wake = [asyncio.Event() for _ in range(groups)]
+        # standalone prefill micro-batches in the chain: at most one per stage. Requests that arrive meanwhile wait
+        # and form the next micro-batch together, as planned, instead of each going in alone
+        self._prefill_room = asyncio.Semaphore(chain.stages)
 
     @classmethod
     def for_batch(cls, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
@@ -271,12 +274,18 @@ class Scheduler:
             await self._wake.wait()
             self._wake.clear()
             while self.waiting and self.pool.free:
+                standalone = not (self.mixed and self.running)
+                if standalone:
+                    await self._prefill_room.acquire()
+                    if not (self.waiting and self.pool.free):  # cancelled or taken meanwhile
+                        self._prefill_room.release()
+                        break
                 batch = []
                 while self.waiting and self.pool.free and len(batch) < self.prefill_mb:
                     req = self.waiting.popleft()
                     req.slot = self.pool.allocate(req.id)
                     batch.append(req)
-                if self.mixed and self.running:
+                if not standalone:
                     self.admitted.append(batch)
                     # its own group carries it: that group is either stepping already or idle and free to go now
                     self._group_wake[self.pool.group_of(batch[0].slot)].set()
@@ -284,6 +293,8 @@ class Scheduler:
                     task = asyncio.create_task(self._prefill(batch))
                     self._steps.add(task)
                     task.add_done_callback(self._steps.discard)
+                    room = self._prefill_room  # a switch replaces it: release the one taken
+                    task.add_done_callback(lambda _, room=room: room.release())
 
     # ---- steps ----------------------------------------------------------------------------------------------------
     async def _decode_loop(self, group: int) -> None:
