@@ -4,16 +4,18 @@ end-to-end latency.
 
     python benchmarks/costmodel_fidelity.py --json
 
-Stages are CPU devices of one thread each (the catalog's CPU entry; latencies from profiles/CPU.json, measured with
-`llmpq profile --device cpu --threads 1`), so that a 2-stage pipeline really runs its stages side by side on this
-2-core machine. The prediction is the planner's own (Problem.evaluate); for the "local" transport (the runtime in
-this process, stages in threads, which take turns on the GIL) its stage times are added up (`taking_turns`) rather
-than overlapped. Transports: "local" and "ray" (the Serve app on a local Ray cluster whose node declares logical GPUs of type
-CPU: stage deployments, the stage ring, the router, timed over HTTP on its own server). A Ray case's prefill and
-latency also pay the requests' way in and out (client, HTTP, Serve's ingress, the router's event loop), which no
-layer profile holds: the benchmark measures it on the same app as the time of the batch's requests at once to
-/healthz (no model runs there; ~18 ms for 8 requests here, against ~50 ms of predicted prefill) and adds it to the
-planner's prediction (`ingress_s` in the case). Prints {"cases": [...], "median_abs_rel_error", "max_abs_rel_error"}.
+Stages are CPU devices of one thread each (the catalog's CPU entry; latencies from a table of the demo models'
+layers that the benchmark profiles first, as `llmpq profile --device cpu --threads 1` does, or from `--profiles`), so
+that a 2-stage pipeline really runs its stages side by side on this 2-core machine. The prediction is the planner's
+own (Problem.evaluate); for the "local" transport (the runtime in this process, stages in threads, which take turns
+on the GIL for part of each call) its stage times are combined as `taking_turns` says, with the GIL-held share of a
+prefill call measured here first (`gil_held_share`). Transports: "local" and "ray" (the Serve app on a local Ray
+cluster whose node declares logical GPUs of type CPU: stage deployments, the stage ring, the router, timed over HTTP
+on its own server). A Ray case's prefill and latency also pay the requests' way in and out (client, HTTP, Serve's
+ingress, the router's event loop), which no layer profile holds: the benchmark measures it on the same app as the
+time of the batch's requests at once to /healthz (no model runs there; ~15 ms for 8 requests here, against ~50 ms
+of predicted prefill) and adds it to the planner's prediction (`ingress_s` in the case). Prints {"cases": [...],
+"median_abs_rel_error", "max_abs_rel_error"}.
 
     python benchmarks/costmodel_fidelity.py --stack llama-3-8b --device cuda --json
 
@@ -73,9 +75,9 @@ STACK_CASES = [(16, 16, 4, 16), (16, 16, 8, 4), (16, 8, 4, 16), (16, 4, 2, 8), (
 
 
 def predict(path: Path, stages: list, pmb: int, dmb: int, profiles: Path, workload: Workload = WORKLOAD,
-            device: str = "cpu", one_process: bool = False) -> dict:
-    """The planner's prediction (Problem.evaluate); with `one_process`, for stages that take turns (see
-    `taking_turns`)."""
+            device: str = "cpu", held: float | None = None) -> dict:
+    """The planner's prediction (Problem.evaluate); with `held` (the GIL-held share of a prefill call, see
+    `gil_held_share`), for stages that are threads of this process (see `taking_turns`)."""
     model = ModelSpec.from_checkpoint(path)
     dev = torch.device(device)
     elem = runtime_dtype(dev).itemsize
@@ -84,20 +86,61 @@ def predict(path: Path, stages: list, pmb: int, dmb: int, profiles: Path, worklo
     cost = CostModel(model, CostConfig(profiles_dir=profiles, act_bytes=elem, float_bytes=elem, kv_bytes=elem))
     problem = Problem(model, cluster, workload, cost=cost)
     pred, _ = problem.evaluate(list(cluster.devices), [bits for _, _, bits in stages], pmb, dmb)
-    prefill, decode = taking_turns(pred.stages, workload, pmb, dmb) if one_process else (pred.prefill_s, pred.decode_s)
+    prefill, decode = (pred.prefill_s, pred.decode_s) if held is None else taking_turns(pred.stages, workload, pmb,
+                                                                                          dmb, held)
     return {"prefill_s": prefill, "decode_per_token_s": decode / (workload.gen_len - 1), "latency_s": prefill + decode,
             "source": cost.latency_source(cluster.devices[0].spec)}
 
 
-def taking_turns(stages: list, workload: Workload, pmb: int, dmb: int) -> tuple[float, float]:
-    """(prefill s, decode s) of stages that run one at a time: the local transport's, threads of one Python process.
-    The planner's pipeline lets stages on different devices overlap; threads share the GIL, which most of a small
-    model's step holds (Python and op dispatch). Measured here, two 4-layer demo stages in two threads took 5.5 ms per
-    pair of 4-row decode calls, against 3.9 ms alone and 7.7 ms one after the other; with the router's work on the
-    same interpreter, the 2-stage local decode step measured the sum of its stages' times."""
-    k_p, k_d = math.ceil(workload.batch_size / pmb), math.ceil(workload.batch_size / dmb)
-    return (k_p * sum(s.prefill_s for s in stages),
+def taking_turns(stages: list, workload: Workload, pmb: int, dmb: int, held: float) -> tuple[float, float]:
+    """(prefill s, decode s) of stages that are threads of one Python process (the local transport), which take turns
+    on the GIL for the part of a call that holds it (Python, op dispatch) and overlap in the rest (the kernels).
+
+    Prefill: the k micro-batches are queued at once and flow through the stages with nothing between them, so they
+    pipeline as the planner says, except that while stages run at once, the held share `held` of all but the longest
+    one's call is added (k + n - 1 steps of the pipeline, never more than all calls one after the other).
+    Decode: every step goes back to the router on the same interpreter (sampling, the next step's rows) before it
+    can go on, and the 2-stage local decode step measured the sum of its stages' times, so the calls are added up."""
+    k_p, k_d, n = math.ceil(workload.batch_size / pmb), math.ceil(workload.batch_size / dmb), len(stages)
+    times = [s.prefill_s for s in stages]
+    step = max(times) + held * (sum(times) - max(times))
+    return (min((k_p + n - 1) * step, k_p * sum(times)),
             (workload.gen_len - 1) * k_d * sum(s.decode_s for s in stages))
+
+
+def gil_held_share(path: Path, workload: Workload = WORKLOAD, repeats: int = 30) -> float:
+    """The share of a prefill call that holds the GIL, measured here on the model's two halves as stages: (two calls
+    at once in two threads − the longer one alone) / the shorter one alone. 0: threads overlap fully; 1: one after
+    the other."""
+    import threading
+
+    from llmpq_serve.runtime.layers import Rows
+    from llmpq_serve.runtime.shard import StageShard
+
+    half = ModelSpec.from_checkpoint(path).layers // 2
+    shards = [StageShard(path, spec) for spec in StageSpec.chain([(0, half, [16] * half),
+                                                                   (half, 2 * half, [16] * half)])]
+    caches = [s.new_cache(2, workload.max_len) for s in shards]
+    n = 2 * workload.prompt_len
+    inputs = [torch.randint(0, shards[0].spec.vocab, (n,)), torch.randn(n, shards[0].spec.hidden)]
+
+    def calls(k: int) -> None:
+        for _ in range(repeats):
+            shards[k](inputs[k], Rows([0, 1], [0, 0], [workload.prompt_len] * 2), caches[k])
+
+    def timed_s(*ks: int) -> float:
+        threads = [threading.Thread(target=calls, args=(k,)) for k in ks]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return (time.perf_counter() - start) / repeats
+
+    timed_s(0, 1)  # warm-up
+    alone = [timed_s(0), timed_s(1)]
+    both = timed_s(0, 1)
+    return min(1.0, max(0.0, (both - max(alone)) / min(alone)))
 
 
 async def timed(engine, prompts: list[list[int]], max_tokens: int) -> float:
@@ -304,8 +347,12 @@ class RayApp:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profiles", type=Path, default=ROOT / "profiles")
+    parser.add_argument("--profiles", type=Path, default=None,
+                        help="latency tables to predict from (default: for the demo suite, the demo models' layers "
+                             "profiled on this CPU first, ~30 s, so that the table and the runs share this machine "
+                             "and its current speed; for --stack, the repository's profiles/)")
     parser.add_argument("--repeats", type=int, default=3)
+
     parser.add_argument("--no-ray", action="store_true", help="only the local-transport cases")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--stack", default=None, metavar="MODEL",
@@ -315,6 +362,7 @@ def main() -> int:
                         help="the stack's device")
     args = parser.parse_args()
     if args.stack:
+        args.profiles = args.profiles or ROOT / "profiles"
         cases, errors = run_stack(args)
         workload = STACK_WORKLOAD
     else:
@@ -331,13 +379,24 @@ def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
     from llmpq_serve import demo_model
 
     torch.set_num_threads(1)  # one core per stage, as profiled
+    if args.profiles is None:
+        import tempfile
+
+        from llmpq_serve import profiler
+
+        args.profiles = Path(tempfile.mkdtemp(prefix="llmpq-profiles-"))
+        profile = profiler.run([str(demo_model.build(arch)) for arch in ("llama", "opt")], device="cpu", threads=1)
+        profile.save(args.profiles / f"{profile.device_type}.json")
     cases, errors = [], []
+    held: dict[str, float] = {}  # per demo model, see gil_held_share
     runs = [("local", case) for case in CASES] + ([] if args.no_ray else [("ray", case) for case in RAY_CASES])
     ray_app = None
     try:
         for transport, (arch, stages, pmb, dmb) in runs:
             path = demo_model.build(arch)
-            pred = predict(path, stages, pmb, dmb, args.profiles, one_process=transport == "local")
+            if transport == "local" and arch not in held:
+                held[arch] = gil_held_share(path)
+            pred = predict(path, stages, pmb, dmb, args.profiles, held=held.get(arch) if transport == "local" else None)
             if transport == "local":
                 meas = measure_local(path, stages, pmb, dmb, args.repeats)
             else:
