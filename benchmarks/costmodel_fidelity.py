@@ -157,7 +157,7 @@ async def timed(engine, prompts: list[list[int]], max_tokens: int) -> float:
 
 async def timed_http(http, url: str, prompts: list[list[int]], max_tokens: int) -> float:
     """The batch's requests at once over `http`, whose connections the warm-up opened: a serving client keeps its
-    connections, and opening 8 of them (~1.5 ms of this machine's shared CPU each) is no part of the pipeline."""
+    connections, and opening them is no part of the pipeline."""
     body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     start = time.perf_counter()
     answers = await asyncio.gather(*[http.post(f"{url}/v1/completions", json={**body, "prompt": p}) for p in prompts])
