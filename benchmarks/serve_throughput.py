@@ -239,12 +239,15 @@ def serve_round(args: argparse.Namespace, reqs: list[tuple[list[int], int]], str
     return pipe, via_proxy
 
 
+def tokens_per_s(run: dict) -> float:
+    return run["tokens"] / run["wall_s"]
+
+
 def report(concurrency: int, requests: int, bases: list[dict], pipes: list[dict], proxied: list[dict]) -> dict:
     """Round k's ratio is its pipeline's tokens/s over the mean of the baseline runs just before and after it; the
     headline numbers are the medians over rounds, latencies pooled over every round."""
-    rate = [r["tokens"] / r["wall_s"] for r in pipes]
-    base = [(bases[k]["tokens"] / bases[k]["wall_s"] + bases[k + 1]["tokens"] / bases[k + 1]["wall_s"]) / 2
-            for k in range(len(pipes))]
+    rate = [tokens_per_s(r) for r in pipes]
+    base = [(tokens_per_s(bases[k]) + tokens_per_s(bases[k + 1])) / 2 for k in range(len(pipes))]
     ratios = [p / b for p, b in zip(rate, base)]
     ttft = [t for r in pipes for t in r["ttft"]]
     tpot = [t for r in pipes for t in r["tpot"]]
@@ -259,9 +262,9 @@ def report(concurrency: int, requests: int, bases: list[dict], pipes: list[dict]
            "errors": sum(r["errors"] for r in pipes + proxied),
            "rounds": [{"pipeline_tokens_per_s": round(p, 2), "baseline_tokens_per_s": round(b, 2),
                        "ratio": round(p / b, 3)} for p, b in zip(rate, base)],
-           "baseline_runs_tokens_per_s": [round(r["tokens"] / r["wall_s"], 2) for r in bases]}
+           "baseline_runs_tokens_per_s": [round(tokens_per_s(r), 2) for r in bases]}
     if proxied:
-        via = statistics.median(r["tokens"] / r["wall_s"] for r in proxied)
+        via = statistics.median(tokens_per_s(r) for r in proxied)
         doc["via_proxy_tokens_per_s"] = round(via, 2)
         doc["via_proxy_ratio"] = round(via / doc["baseline_tokens_per_s"], 3)
     return doc

@@ -36,7 +36,8 @@ def ring_over(stages: list[DeploymentHandle]) -> RingChain:
 @serve.ingress()
 class Router:
     def __init__(self, planner: DeploymentHandle, path: str, model_name: str, max_batch: int, max_seq: int,
-                 max_queue: int, mixed_steps: bool = False, recovery_s: float = 300.0, prefill_chunk: int | None = None):
+                 max_queue: int, mixed_steps: bool = False, recovery_s: float = 300.0,
+                 prefill_chunk: int | None = None):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -34,4 +34,5 @@ class StageDeployment:
         node_id = ray.get_runtime_context().get_node_id()
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
         return {"node_id": node_id, "accelerator_types": accelerator_types(node["Resources"]),
-                "device": str(self.runner.shard.device), "weight_bytes": self.runner.shard.weight_bytes(), "kv_cache_bytes": self.runner.cache.nbytes()}
+                "device": str(self.runner.shard.device), "weight_bytes": self.runner.shard.weight_bytes(),
+                "kv_cache_bytes": self.runner.cache.nbytes()}

@@ -57,3 +57,12 @@ def demo_checkpoint(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+class StubTokenizer:
+    """Enough of a tokenizer for a scheduler over a fake chain: no end-of-sequence token, every id decodes to ""."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""

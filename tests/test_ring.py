@@ -14,6 +14,7 @@ from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.local import StageRunner, even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
 from llmpq_serve.runtime.scheduler import Scheduler, slot_count
+from tests.conftest import StubTokenizer
 from tests.test_runtime import PROMPTS, run_all
 
 HOST = "127.0.0.1"
@@ -197,14 +198,8 @@ def test_requests_fail_when_the_chain_stays_down_past_the_recovery_time():
         async def forward(self, rows, x):
             raise ring.RingDownError("the stage ring is down: gone")
 
-    class Tok:
-        eos_token_id = None
-
-        def decode(self, ids, skip_special_tokens=True):
-            return ""
-
-    engine = PipelineEngine(Scheduler.for_batch(DownChain(), Tok(), 1, 1, 2, 64, 8, recovery_s=1.0), Tok(), "t",
-                            dict)
+    tok = StubTokenizer()
+    engine = PipelineEngine(Scheduler.for_batch(DownChain(), tok, 1, 1, 2, 64, 8, recovery_s=1.0), tok, "t", dict)
 
     async def go():
         start = asyncio.get_running_loop().time()

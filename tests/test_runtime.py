@@ -9,6 +9,7 @@ import torch
 from llmpq_serve.runtime.kvcache import CacheFullError, SlotPool
 from llmpq_serve.runtime.local import even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
+from tests.conftest import StubTokenizer
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n\nclass Parser(object):\n    def", "x = 1", "for i in range(10):"]
 NEW = 12
@@ -272,14 +273,8 @@ def test_arrivals_while_the_chain_is_full_of_prefills_form_planned_micro_batches
                 self.in_flight -= 1
             return torch.zeros(len(rows.counts), 8)
 
-    class Tok:
-        eos_token_id = None
-
-        def decode(self, ids, skip_special_tokens=True):
-            return ""
-
     chain = SlowChain()
-    scheduler = Scheduler.for_batch(chain, Tok(), 4, 8, 8, 64, 16)
+    scheduler = Scheduler.for_batch(chain, StubTokenizer(), 4, 8, 8, 64, 16)
 
     async def go():
         async def one(i):
