@@ -152,6 +152,29 @@ def test_one_micro_batch_may_mix_decode_rows_prefills_and_continued_prompts(demo
         torch.testing.assert_close(row, hf(seq[None]).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
+def test_decode_rows_with_free_slots_between_them_give_their_own_logits(demo_checkpoint):
+    """Decode rows that leave cache slots free between them (a group with some requests gone) attend over the
+    slots' range with idle rows, or, when the gaps outnumber the rows, over gathered copies; either way each row
+    gets the logits it would get alone."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpq_serve.runtime.layers import Rows
+    from llmpq_serve.runtime.shard import StageShard, StageSpec
+
+    path = demo_checkpoint("llama")
+    hf = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    shard = StageShard(path, StageSpec(0, 3, (16, 16, 16), True, True))
+    cache = shard.new_cache(6, 32)
+    seqs = [torch.randint(3, 200, (n,), generator=torch.Generator().manual_seed(n)) for n in range(6, 12)]
+    shard(torch.cat([s[:-1] for s in seqs]), Rows(list(range(6)), [0] * 6, [len(s) - 1 for s in seqs]), cache)
+    for slots in ([4, 1, 2], [0, 5]):  # slots 1-4 with slot 3 idle; 2 rows over 6 slots: gathered
+        rows = Rows(slots, [len(seqs[i]) - 1 for i in slots], [1] * len(slots))
+        assert (rows.groups[0].within is not None) == (slots == [4, 1, 2])
+        logits = shard(torch.cat([seqs[i][-1:] for i in slots]), rows, cache)
+        for row, i in zip(logits, slots):
+            torch.testing.assert_close(row, hf(seqs[i][None]).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
 def test_mixed_steps_carry_prefills_in_decode_steps_and_keep_the_tokens(demo_checkpoint):
     from llmpq_serve.runtime.local import LocalChain
 
