@@ -9,8 +9,8 @@ cores busy), against 0.07 / 0.17 ms for a TCP socket, whose sender hands the byt
 Control (where to connect, placement, health) stays on Serve handles; torch's TCPStore only introduces the ranks.
 
 Ranks: the router is 0, stage i is i + 1. A stage runs its micro-batches in two lanes, each a thread taking its
-micro-batches one at a time in arrival order: prefill micro-batches (a row with more than one new token) in one,
-decode micro-batches in the other. A decode step that reaches a stage in the middle of a prefill then runs beside it
+micro-batches one at a time in arrival order: decode micro-batches in the thread that reads the link, prefill
+micro-batches (a row with more than one new token) in a second one. A decode step that reaches a stage in the middle of a prefill then runs beside it
 (kernels release the GIL) instead of waiting the prefill out, and can overtake it on the way to the next stage, so
 every message carries its micro-batch's id and the router matches results by id. A failed micro-batch travels on as
 an error message under its id; a stage process that dies closes its links, and everything waiting on them fails
@@ -151,7 +151,8 @@ def _read_into(sock: socket.socket, view: memoryview) -> None:
 
 
 class StageLoop:
-    """A stage's side of the ring: `run(rows, x)` on every micro-batch that arrives, in its phase's lane."""
+    """A stage's side of the ring: `run(rows, x)` on every micro-batch that arrives. The thread that reads the link
+    runs decode micro-batches; prefill micro-batches go to a second thread."""
 
     def __init__(self, run: Callable[[Any, torch.Tensor], torch.Tensor], index: int, stages: int):
         self.run, self.index, self.stages = run, index, stages
@@ -168,40 +169,43 @@ class StageLoop:
         except Exception:  # the router times out waiting for this stage and reports it
             logger.exception("stage %d could not join the ring at %s:%d", self.index, host, port)
             return
-        lanes = {decode: queue.SimpleQueue() for decode in (False, True)}
-        for decode, lane in lanes.items():
-            threading.Thread(target=self._work, args=(links, lane), daemon=True,
-                             name=f"ring-stage{self.index}-{'decode' if decode else 'prefill'}").start()
+        prefills = queue.SimpleQueue()
+        threading.Thread(target=self._prefill_lane, args=(links, prefills), daemon=True,
+                         name=f"ring-stage{self.index}-prefill").start()
         try:
             while True:
                 meta, x = links.recv()
                 if "error" in meta:  # failed upstream: pass it on
                     links.send(meta, None)
+                elif all(n == 1 for n in meta["rows"].counts):
+                    # decode steps run right here: a hand-off to another thread would add a wake-up to every hop
+                    self._run(links, meta, x)
                 else:
-                    lanes[all(n == 1 for n in meta["rows"].counts)].put((meta, x))
+                    prefills.put((meta, x))
         except OSError:  # a neighbour went away: this ring is over, a redeploy builds a new one
             logger.warning("stage %d: ring closed", self.index, exc_info=True)
         finally:
             links.close()
-            for lane in lanes.values():
-                lane.put(None)
+            prefills.put(None)
 
-    def _work(self, links: Links, lane: queue.SimpleQueue) -> None:
-        while (item := lane.get()) is not None:
-            meta, x = item
-            start = time.perf_counter()
-            out = None
-            try:
-                out = self.run(meta["rows"], x)
-            except Exception as e:  # this micro-batch fails; the ring goes on
-                logger.exception("stage %d failed on a micro-batch", self.index)
-                meta = {"id": meta["id"], "error": f"stage {self.index}: {type(e).__name__}: {e}"}
-            else:
-                meta["busy"] = [*meta.get("busy", []), time.perf_counter() - start]
-            try:
-                links.send(meta, out)
-            except OSError:  # the reader sees the ring close too, and stops the lanes
-                return
+    def _prefill_lane(self, links: Links, prefills: queue.SimpleQueue) -> None:
+        try:
+            while (item := prefills.get()) is not None:
+                self._run(links, *item)
+        except OSError:  # the ring closed: the reading thread sees it too
+            pass
+
+    def _run(self, links: Links, meta: dict, x: torch.Tensor) -> None:
+        start = time.perf_counter()
+        out = None
+        try:
+            out = self.run(meta["rows"], x)
+        except Exception as e:  # this micro-batch fails; the ring goes on
+            logger.exception("stage %d failed on a micro-batch", self.index)
+            meta = {"id": meta["id"], "error": f"stage {self.index}: {type(e).__name__}: {e}"}
+        else:
+            meta["busy"] = [*meta.get("busy", []), time.perf_counter() - start]
+        links.send(meta, out)
 
 
 class RingChain:
