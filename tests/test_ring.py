@@ -13,7 +13,7 @@ from llmpq_serve.runtime import ring
 from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.local import StageRunner, even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
-from llmpq_serve.runtime.scheduler import Scheduler, slot_count
+from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, slot_count
 from tests.conftest import StubTokenizer
 from tests.test_runtime import PROMPTS, run_all
 
@@ -78,6 +78,44 @@ def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_check
     assert isinstance(first, ring.RingError) and "stage 1: RuntimeError: out of device memory" in str(first)
     assert len(second[0]) == 4
     assert engine.scheduler.pool.free == engine.scheduler.pool.slots
+
+
+def test_a_decode_step_runs_beside_a_prefill_at_a_stage_and_overtakes_it():
+    """Each stage's prefill here cannot finish until a decode step has run on that stage: with one lane per stage
+    the decode step would wait behind it and the prefill would time out."""
+    decoded = [threading.Event(), threading.Event()]
+
+    def stage(k):
+        def run(rows, x):
+            if all(n == 1 for n in rows.counts):
+                decoded[k].set()
+            elif not decoded[k].wait(timeout=20):
+                raise TimeoutError("no decode step ran beside this prefill")
+            return x + 1
+
+        return run
+
+    async def join(host: str, port: int) -> None:
+        for k in range(2):
+            ring.StageLoop(stage(k), k, 2).start(host, port)
+
+    async def go():
+        chain = ring.RingChain(2, HOST, join)
+        assert torch.equal(await chain.forward(RowsSpec([0], [0], [1]), torch.zeros(1)), torch.full((1,), 2.0))
+        for event in decoded:
+            event.clear()
+        finished = []
+        prefill = asyncio.create_task(chain.forward(RowsSpec([0], [1], [3]), torch.tensor([1.0, 2.0, 3.0])))
+        decode = asyncio.create_task(chain.forward(RowsSpec([1], [5], [1]), torch.tensor([10.0])))
+        for name, task in (("prefill", prefill), ("decode", decode)):
+            task.add_done_callback(lambda _, name=name: finished.append(name))
+        results = await asyncio.gather(prefill, decode)
+        chain.close()
+        return finished, results
+
+    finished, (prefilled, decoded_out) = asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert finished == ["decode", "prefill"]
+    assert torch.equal(prefilled, torch.tensor([3.0, 4.0, 5.0])) and torch.equal(decoded_out, torch.tensor([12.0]))
 
 
 def open_ring(world: int, host: str = HOST) -> list[ring.Links]:

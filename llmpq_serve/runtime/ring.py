@@ -8,18 +8,22 @@ with the stages and the router busy, that cost 1-4 ms per hop (a 16 KB ping-pong
 cores busy), against 0.07 / 0.17 ms for a TCP socket, whose sender hands the bytes to the kernel and goes on.
 Control (where to connect, placement, health) stays on Serve handles; torch's TCPStore only introduces the ranks.
 
-Ranks: the router is 0, stage i is i + 1. Each stage runs one loop thread: receive from the previous rank, run the
-micro-batch, send to the next; so every stage works on micro-batches in arrival order, one at a time, and several
-micro-batches are in the ring at once. A failed micro-batch travels on as an error message, keeping the order; a
-stage process that dies closes its links, and everything waiting on them fails instead of hanging."""
+Ranks: the router is 0, stage i is i + 1. A stage runs its micro-batches in two lanes, each a thread taking its
+micro-batches one at a time in arrival order: decode micro-batches in the thread that reads the link, prefill
+micro-batches (a row with more than one new token) in a second one. A decode step that reaches a stage in the middle of a prefill then runs beside it
+(kernels release the GIL) instead of waiting the prefill out, and can overtake it on the way to the next stage, so
+every message carries its micro-batch's id and the router matches results by id. A failed micro-batch travels on as
+an error message under its id; a stage process that dies closes its links, and everything waiting on them fails
+instead of hanging."""
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime
+import itertools
 import logging
 import pickle
+import queue
 import socket
 import struct
 import threading
@@ -51,11 +55,13 @@ class RingDownError(RingError, ChainLostError):
 
 class Links:
     """One rank's place in a ring: the link from the previous rank and the one to the next. `send` returns once the
-    kernel has the bytes; `recv` blocks until a whole message is in. Each link is used by one thread at a time."""
+    kernel has the bytes, and may be called from several threads; `recv` blocks until a whole message is in, and is
+    called from one thread at a time."""
 
     def __init__(self, store: dist.TCPStore, inbound: socket.socket, outbound: socket.socket):
         self._store = store  # rank 0 serves the store: it must outlive the others' look-ups of their neighbours
         self.inbound, self.outbound = inbound, outbound
+        self._sending = threading.Lock()  # a stage's two lanes send on the same link: messages must not interleave
 
     def send(self, meta: dict, payload: torch.Tensor | None) -> None:
         meta = dict(meta)
@@ -66,9 +72,10 @@ class Links:
             body = payload.view(-1).view(torch.uint8).numpy()  # no copy; any dtype, bfloat16 too
         header = pickle.dumps(meta)
         size = 0 if body is None else body.nbytes
-        self.outbound.sendall(_PREFIX.pack(len(header), size) + header)
-        if size:
-            self.outbound.sendall(body)
+        with self._sending:
+            self.outbound.sendall(_PREFIX.pack(len(header), size) + header)
+            if size:
+                self.outbound.sendall(body)
 
     def recv(self) -> tuple[dict, torch.Tensor | None]:
         header, size = _PREFIX.unpack(_read(self.inbound, _PREFIX.size))
@@ -144,7 +151,8 @@ def _read_into(sock: socket.socket, view: memoryview) -> None:
 
 
 class StageLoop:
-    """A stage's side of the ring: `run(rows, x)` on every micro-batch that arrives, in order, in its own thread."""
+    """A stage's side of the ring: `run(rows, x)` on every micro-batch that arrives. The thread that reads the link
+    runs decode micro-batches; prefill micro-batches go to a second thread."""
 
     def __init__(self, run: Callable[[Any, torch.Tensor], torch.Tensor], index: int, stages: int):
         self.run, self.index, self.stages = run, index, stages
@@ -161,29 +169,48 @@ class StageLoop:
         except Exception:  # the router times out waiting for this stage and reports it
             logger.exception("stage %d could not join the ring at %s:%d", self.index, host, port)
             return
+        prefills = queue.SimpleQueue()
+        threading.Thread(target=self._prefill_lane, args=(links, prefills), daemon=True,
+                         name=f"ring-stage{self.index}-prefill").start()
         try:
             while True:
                 meta, x = links.recv()
-                out = None
-                if "error" not in meta:
-                    start = time.perf_counter()
-                    try:
-                        out = self.run(meta["rows"], x)
-                    except Exception as e:  # this micro-batch fails; the ring and its order go on
-                        logger.exception("stage %d failed on a micro-batch", self.index)
-                        meta = {"error": f"stage {self.index}: {type(e).__name__}: {e}"}
-                    else:
-                        meta["busy"] = [*meta.get("busy", []), time.perf_counter() - start]
-                links.send(meta, out)
+                if "error" in meta:  # failed upstream: pass it on
+                    links.send(meta, None)
+                elif all(n == 1 for n in meta["rows"].counts):
+                    # decode steps run right here: a hand-off to another thread would add a wake-up to every hop
+                    self._run(links, meta, x)
+                else:
+                    prefills.put((meta, x))
         except OSError:  # a neighbour went away: this ring is over, a redeploy builds a new one
             logger.warning("stage %d: ring closed", self.index, exc_info=True)
         finally:
             links.close()
+            prefills.put(None)
+
+    def _prefill_lane(self, links: Links, prefills: queue.SimpleQueue) -> None:
+        try:
+            while (item := prefills.get()) is not None:
+                self._run(links, *item)
+        except OSError:  # the ring closed: the reading thread sees it too
+            pass
+
+    def _run(self, links: Links, meta: dict, x: torch.Tensor) -> None:
+        start = time.perf_counter()
+        out = None
+        try:
+            out = self.run(meta["rows"], x)
+        except Exception as e:  # this micro-batch fails; the ring goes on
+            logger.exception("stage %d failed on a micro-batch", self.index)
+            meta = {"id": meta["id"], "error": f"stage {self.index}: {type(e).__name__}: {e}"}
+        else:
+            meta["busy"] = [*meta.get("busy", []), time.perf_counter() - start]
+        links.send(meta, out)
 
 
 class RingChain:
     """The router's side: a StageChain whose `forward` sends a micro-batch into the ring and awaits what the last
-    stage returns. Micro-batches come back in the order they were sent, so results are matched by position.
+    stage returns, matched by the micro-batch's id (a decode step may overtake a prefill).
 
     `join(host, port)` must make every stage start its StageLoop against host:port (the Ray layer does it with a
     handle call per stage). The ring opens on the first micro-batch; if it breaks (a stage process died), the
@@ -225,11 +252,13 @@ class RingChain:
 
 class _Link:
     """One open ring, seen from the router: micro-batches are sent from the event loop (token ids only: small, and
-    the kernel takes them at once), a thread receives what the last stage returns; `pending` is what is in flight."""
+    the kernel takes them at once), a thread receives what the last stage returns; `pending` is what is in flight,
+    by micro-batch id."""
 
     def __init__(self, links: Links, stages: int, busy_s: list[float]):
         self.links, self.stages, self.busy_s = links, stages, busy_s
-        self.pending: collections.deque[asyncio.Future] = collections.deque()
+        self.pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
         self.lock = threading.Lock()
         self.broken: BaseException | None = None
         threading.Thread(target=self._recv_loop, name="ring-recv", daemon=True).start()
@@ -242,9 +271,10 @@ class _Link:
             if self.broken is not None:
                 _settle(future, RingDownError(f"the stage ring is down: {self.broken}"))
                 return
-            self.pending.append(future)  # before the send: the answer may come back at once
+            mb = next(self._ids)
+            self.pending[mb] = future  # before the send: the answer may come back at once
         try:
-            self.links.send({"rows": rows}, x)
+            self.links.send({"id": mb, "rows": rows}, x)
         except OSError as e:  # stage 0 is gone: fail what is in flight
             self._fail_all(e)
 
@@ -256,7 +286,7 @@ class _Link:
                 self._fail_all(e)
                 return
             with self.lock:
-                future = self.pending.popleft()
+                future = self.pending.pop(meta["id"])
             if "error" in meta:
                 _settle(future, RingError(meta["error"]))
                 continue
@@ -272,8 +302,9 @@ class _Link:
                 self.broken = error
                 # the surviving stages' loops see their links close and stop
                 self.links.close()
-            while self.pending:
-                _settle(self.pending.popleft(), RingDownError(f"the stage ring is down: {error}"))
+            for future in self.pending.values():
+                _settle(future, RingDownError(f"the stage ring is down: {error}"))
+            self.pending.clear()
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:

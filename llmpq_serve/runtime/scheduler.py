@@ -1,9 +1,10 @@
 """Phase-aware micro-batch scheduling over a chain of stages, written once for every transport.
 
 Prefill micro-batches (up to `prefill_micro_batch` new requests) and decode micro-batches (one per slot group of
-`decode_micro_batch` requests) travel the chain stage by stage. Each stage runs one micro-batch at a time, in
-arrival order, and many micro-batches are on their way at once, so while stage k runs one micro-batch stage k+1
-runs the one before it: the pipe stays full. Batching is continuous: a request joins its group's next decode step
+`decode_micro_batch` requests) travel the chain stage by stage. Each stage runs one micro-batch of each phase at a
+time, in arrival order (a transport may run a decode step beside a prefill, or keep to one micro-batch at a time),
+and many micro-batches are on their way at once, so while stage k runs one micro-batch stage k+1 runs the one before
+it: the pipe stays full. Batching is continuous: a request joins its group's next decode step
 as soon as its prefill is done, and leaves at the step it finishes; nobody waits for a whole batch.
 
 With `mixed_steps` a prefill micro-batch that arrives while requests are decoding rides along with the next decode
@@ -45,8 +46,9 @@ class RowsSpec:
 
 class StageChain(Protocol):
     """The transport: runs micro-batch `rows` with input `x` (the rows' new token ids, packed [tokens]) through
-    every stage, each stage taking micro-batches one at a time in the order they were given, and returns the last
-    stage's logits [B, vocab] of each row's last token. `busy_s[k]`: seconds stage k has spent running micro-batches."""
+    every stage, each stage taking a phase's micro-batches one at a time in the order they were given (a decode
+    micro-batch may overtake a prefill), and returns the last stage's logits [B, vocab] of each row's last token.
+    `busy_s[k]`: seconds stage k has spent running micro-batches."""
 
     stages: int
     busy_s: list[float]
