@@ -10,11 +10,11 @@ Control (where to connect, placement, health) stays on Serve handles; torch's TC
 
 Ranks: the router is 0, stage i is i + 1. A stage runs its micro-batches in two lanes, each a thread taking its
 micro-batches one at a time in arrival order: decode micro-batches in the thread that reads the link, prefill
-micro-batches (a row with more than one new token) in a second one. A decode step that reaches a stage in the middle of a prefill then runs beside it
-(kernels release the GIL) instead of waiting the prefill out, and can overtake it on the way to the next stage, so
-every message carries its micro-batch's id and the router matches results by id. A failed micro-batch travels on as
-an error message under its id; a stage process that dies closes its links, and everything waiting on them fails
-instead of hanging."""
+micro-batches (a row with more than one new token) in a second one. A decode step that reaches a stage in the
+middle of a prefill then runs beside it (kernels release the GIL) instead of waiting the prefill out, and can
+overtake it on the way to the next stage, so every message carries its micro-batch's id and the router matches
+results by id. A failed micro-batch travels on as an error message under its id; a stage process that dies closes
+its links, and everything waiting on them fails instead of hanging."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ Prefill micro-batches (up to `prefill_micro_batch` new requests) and decode micr
 `decode_micro_batch` requests) travel the chain stage by stage. Each stage runs one micro-batch of each phase at a
 time, in arrival order (a transport may run a decode step beside a prefill, or keep to one micro-batch at a time),
 and many micro-batches are on their way at once, so while stage k runs one micro-batch stage k+1 runs the one before
-it: the pipe stays full. Batching is continuous: a request joins its group's next decode step
-as soon as its prefill is done, and leaves at the step it finishes; nobody waits for a whole batch.
+it: the pipe stays full. Batching is continuous: a request joins its group's next decode step as soon as its prefill
+is done, and leaves at the step it finishes; nobody waits for a whole batch.
 
 With `mixed_steps` a prefill micro-batch that arrives while requests are decoding rides along with the next decode
 step of a group instead of travelling on its own: the stage runs both in one pass and reads its weights once. On the
