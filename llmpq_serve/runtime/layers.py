@@ -46,7 +46,8 @@ class RowGroup:
             self.packed = self.index[real]
         self.span = max(s + n for s, n in zip(starts, counts))
         self.slots = torch.tensor(slots)
-        first, spread = min(slots), max(slots) - min(slots) + 1
+        first = min(slots)
+        spread = max(slots) - first + 1
         contiguous = slots == list(range(first, first + len(slots)))
         # Decode rows whose slots lie within a range at most twice their number (a decode group with some slots
         # free) attend over that whole range as one view of the cache, the free slots as idle rows whose output is

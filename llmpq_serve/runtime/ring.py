@@ -177,7 +177,7 @@ class StageLoop:
                 meta, x = links.recv()
                 if "error" in meta:  # failed upstream: pass it on
                     links.send(meta, None)
-                elif all(n == 1 for n in meta["rows"].counts):
+                elif meta["rows"].decode:
                     # decode steps run right here: a hand-off to another thread would add a wake-up to every hop
                     self._run(links, meta, x)
                 else:

@@ -43,6 +43,11 @@ class RowsSpec:
     starts: list[int]
     counts: list[int]
 
+    @property
+    def decode(self) -> bool:
+        """A decode micro-batch: one new token per row (a stage may run it beside a prefill)."""
+        return all(n == 1 for n in self.counts)
+
 
 class StageChain(Protocol):
     """The transport: runs micro-batch `rows` with input `x` (the rows' new token ids, packed [tokens]) through
