@@ -38,7 +38,7 @@ from llmpq_serve.quant.groupwise import GroupQuant
 from llmpq_serve.quant.layout import linear_names
 from llmpq_serve.quant.linear import QuantLinear
 from llmpq_serve.runtime.kvcache import KVCache
-from llmpq_serve.runtime.layers import Rows, layer_forward, rope_of, rotary
+from llmpq_serve.runtime.layers import Rows, attention_kernels, layer_forward, rope_of, rotary
 from llmpq_serve.runtime.transfer import to_host
 from llmpq_serve.spec import ModelSpec
 
@@ -186,7 +186,8 @@ def profile_layer(shape: LayerShape, bits: int, grid: Grid, device: torch.device
                     i = next(turn)
                     return forward(layers[i], x, rope, cache, i, rows)
 
-                median, p10, p90 = measure(call, device)
+                with attention_kernels(device):
+                    median, p10, p90 = measure(call, device)
                 yield ProfilePoint(bits=bits, phase=phase, micro_batch=mb, seq=n, median_s=median, p10_s=p10,
                                    p90_s=p90)
                 bar.update()
@@ -254,10 +255,12 @@ def stand_in_tokenizer():
     return train_tokenizer(read_texts(stdlib_files()[0], 200_000), 512)
 
 
-def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: int = 64) -> list[StepPoint]:
+def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: int = 64,
+                          dtype: torch.dtype = torch.float32) -> list[StepPoint]:
     """Seconds per micro-batch step the router spends outside the stages (scheduling, sampling, detokenizing,
     handing out events), for one decode micro-batch of each size: `steps` greedy tokens of a full group, each row
-    repeating one ordinary token of the stand-in tokenizer."""
+    repeating one ordinary token of the stand-in tokenizer. The logits come in `dtype`, the stages' runtime dtype, as
+    the sampler gets them."""
     from llmpq_serve.runtime.sampling import SamplingParams
     from llmpq_serve.runtime.scheduler import Scheduler
 
@@ -265,7 +268,7 @@ def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: i
     gen = torch.Generator().manual_seed(0)
 
     async def one_run(mb: int) -> float:
-        logits = torch.zeros(mb, vocab)
+        logits = torch.zeros(mb, vocab, dtype=dtype)
         logits[torch.arange(mb), torch.randint(1, min(len(tokenizer), vocab), (mb,), generator=gen)] = 1.0
         scheduler = Scheduler(_NullChain(logits), tokenizer, mb, mb, 1, steps + 16)
         params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
@@ -313,7 +316,8 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
                            f"10 ms of back-to-back calls after a warm-up; {torch.get_num_threads()} CPU threads; "
                            f"models: {', '.join(models)}"),
                    tables=tables, heads=heads, transfer=profile_transfer(dev, dtype),
-                   step_overhead=profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs)))
+                   step_overhead=profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs),
+                                                       dtype=dtype))
 
 
 def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> list[dict]:

@@ -131,9 +131,31 @@ def test_shard_logits_match_hf_for_ragged_prompts(demo_checkpoint):
         torch.testing.assert_close(logits[i], hf(p[None]).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_one_micro_batch_may_mix_decode_rows_prefills_and_continued_prompts(demo_checkpoint):
+def test_cuda_stages_attend_without_cudnn_whose_graphs_are_built_per_key_length():
+    """cuDNN's attention builds a graph for every new key length, i.e. every decode step: a CUDA stage's layers run
+    with it switched off (and only there: the flags are the process's)."""
+    from llmpq_serve.runtime.layers import attention_kernels
+
+    flags = torch.backends.cuda
+    with attention_kernels(torch.device("cuda")):
+        assert not flags.cudnn_sdp_enabled() and flags.mem_efficient_sdp_enabled() and flags.math_sdp_enabled()
+    assert flags.cudnn_sdp_enabled()
+    with attention_kernels(torch.device("cpu")):
+        assert flags.cudnn_sdp_enabled()
+
+
+@pytest.fixture(params=[False, True], ids=["grouped-heads", "folded-heads"])
+def folded(request, monkeypatch):
+    """Attention with grouped query heads as they are (the CPU's way) and folded onto their key heads (CUDA's)."""
+    from llmpq_serve.runtime import layers
+
+    monkeypatch.setattr(layers, "_folds_heads", lambda q: request.param)
+    return request.param
+
+
+def test_one_micro_batch_may_mix_decode_rows_prefills_and_continued_prompts(demo_checkpoint, folded):
     """Packed rows: decode rows, a new prompt and a prompt continued from the cache (start > 0) in one pass give
-    the logits each would give alone."""
+    the logits each would give alone, with grouped query heads as they are or folded."""
     from transformers import AutoModelForCausalLM
 
     from llmpq_serve.runtime.layers import Rows
@@ -152,7 +174,7 @@ def test_one_micro_batch_may_mix_decode_rows_prefills_and_continued_prompts(demo
         torch.testing.assert_close(row, hf(seq[None]).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_decode_rows_with_free_slots_between_them_give_their_own_logits(demo_checkpoint):
+def test_decode_rows_with_free_slots_between_them_give_their_own_logits(demo_checkpoint, folded):
     """Decode rows that leave cache slots free between them (a group with some requests gone) attend over the
     slots' range with idle rows, or, when the gaps outnumber the rows, over gathered copies; either way each row
     gets the logits it would get alone."""

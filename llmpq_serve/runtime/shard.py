@@ -13,7 +13,7 @@ from llmpq_serve.checkpoint import load_stage_model
 from llmpq_serve.quant.apply import QuantCache, load_layer_state, model_id
 from llmpq_serve.quant.calibration import decoder_layers
 from llmpq_serve.runtime.kvcache import KVCache
-from llmpq_serve.runtime.layers import Rows, head_dim_of, layer_forward, rope_of, rotary
+from llmpq_serve.runtime.layers import Rows, attention_kernels, head_dim_of, layer_forward, rope_of, rotary
 from llmpq_serve.spec import ModelSpec
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table reserves its first two rows
@@ -116,8 +116,9 @@ class StageShard(nn.Module):
         rows = rows.to(self.device)
         x = self._embed(x.to(self.device), rows) if self.stage.first else x.to(self.device, self.dtype)
         rope = rope_of(self.rotary, x, rows)
-        for i, layer in enumerate(self.layers):
-            x = self.forward_layer(layer, x, rope, cache, i, rows)
+        with attention_kernels(self.device):
+            for i, layer in enumerate(self.layers):
+                x = self.forward_layer(layer, x, rope, cache, i, rows)
         if not self.stage.last:
             return x
         h = self.norm(rows.last_token(x)) if self.norm is not None else rows.last_token(x)
