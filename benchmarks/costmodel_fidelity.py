@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from llmpq_serve import catalog
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.planner import Problem
+from llmpq_serve.planner.problem import early_decode_steps
 from llmpq_serve.profile_table import LayerShape
 from llmpq_serve.profiler import detect_device_type, hf_config
 from llmpq_serve.runtime.local import local_engine
@@ -100,12 +101,14 @@ def taking_turns(stages: list, workload: Workload, pmb: int, dmb: int, held: flo
     pipeline as the planner says, except that while stages run at once, the held share `held` of all but the longest
     one's call is added (k + n - 1 steps of the pipeline, never more than all calls one after the other).
     Decode: every step goes back to the router on the same interpreter (sampling, the next step's rows) before it
-    can go on, and the 2-stage local decode step measured the sum of its stages' times, so the calls are added up."""
+    can go on, and the 2-stage local decode step measured the sum of its stages' times, so the calls are added up;
+    the early decode steps count as the planner counts them."""
     k_p, k_d, n = math.ceil(workload.batch_size / pmb), math.ceil(workload.batch_size / dmb), len(stages)
     times = [s.prefill_s for s in stages]
     step = max(times) + held * (sum(times) - max(times))
+    decode = [s.decode_s for s in stages]
     return (min((k_p + n - 1) * step, k_p * sum(times)),
-            (workload.gen_len - 1) * k_d * sum(s.decode_s for s in stages))
+            (workload.gen_len - 1) * k_d * sum(decode) + early_decode_steps(workload.batch_size, pmb, dmb) * max(decode))
 
 
 def gil_held_share(path: Path, workload: Workload = WORKLOAD, repeats: int = 30) -> float:

@@ -141,3 +141,28 @@ def test_theta_trades_quality_for_speed(cases):
     assert careful.predicted.quality < fast.predicted.quality
     assert careful.predicted.tokens_per_s <= fast.predicted.tokens_per_s
     assert math.isfinite(careful.solver.objective)
+
+
+@pytest.mark.parametrize(("batch", "mb_prefill", "mb_decode", "steps"), [
+    (16, 16, 4, 0),   # one prefill micro-batch: nothing decodes before the batch's last prefill
+    (16, 4, 16, 3),   # one decode group: it steps once after each of the first three prefills
+    (16, 8, 4, 2),    # the first prefill fills two groups, each steps once before the second prefill
+    (16, 2, 8, 10),   # groups fill up over eight prefills: 1, 1, 1, 1, 2, 2, 2
+    (8, 2, 2, 6),     # 1 + 2 + 3
+])
+def test_early_decode_steps_count_the_groups_decoding_before_each_later_prefill(batch, mb_prefill, mb_decode, steps):
+    from llmpq_serve.planner.problem import early_decode_steps
+
+    assert early_decode_steps(batch, mb_prefill, mb_decode) == steps
+
+
+def test_decode_time_holds_the_slowest_stage_once_per_early_decode_step(cases):
+    """The batch's early decode steps (requests decode while later prefills still wait) add the slowest stage's
+    decode time each, on top of the gen_len - 1 steps."""
+    problem = _problem(cases["3"], theta=1.0)
+    n = problem.workload.batch_size
+    prefill, decode = problem.pipeline_latency([1.0, 2.0], [0.1, 0.3], n // 4, n)
+    _, decode_alone = problem.pipeline_latency([1.0, 2.0], [0.1, 0.3], n, n)
+    assert prefill == pytest.approx(1.0 + 2.0 + 3 * 2.0)
+    assert decode_alone == pytest.approx((problem.workload.gen_len - 1) * 0.4)
+    assert decode - decode_alone == pytest.approx(3 * 0.3)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import highspy
 import pulp
 
-from llmpq_serve.planner.problem import Problem
+from llmpq_serve.planner.problem import Problem, early_decode_steps
 from llmpq_serve.spec import DeviceSpec
 
 GiB = 1024**3
@@ -146,4 +146,6 @@ def add_pipeline(lp: pulp.LpProblem, problem: Problem, slots: list[StageSlot],
         lp += step >= pulp.lpSum(times["decode"])
         lp += step >= math.ceil(w.batch_size / mb_decode) * slowest
         objective.append((w.gen_len - 1) * step)
+        if mb_prefill is not None:
+            objective.append(early_decode_steps(w.batch_size, mb_prefill, mb_decode) * slowest)
     lp += pulp.lpSum(objective)
