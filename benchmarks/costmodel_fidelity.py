@@ -285,7 +285,8 @@ class RayApp:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
         os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(self.direct_port)
         os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(self.direct_port + self.DIRECT_PORTS)
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+        # no dashboard: its processes (~5% of a core here) serve no request, and would only take the stages' cores
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
         self.cluster.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:CPU": 2})
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, log_to_driver=False)
@@ -354,7 +355,7 @@ def main() -> int:
                         help="latency tables to predict from (default: for the demo suite, the demo models' layers "
                              "profiled on this CPU first, ~30 s, so that the table and the runs share this machine "
                              "and its current speed; for --stack, the repository's profiles/)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case; the medians are compared")
 
     parser.add_argument("--no-ray", action="store_true", help="only the local-transport cases")
     parser.add_argument("--json", action="store_true")
