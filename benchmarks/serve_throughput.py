@@ -144,18 +144,15 @@ def baseline_run(path: Path, reqs: list[tuple[list[int], int]], batch: int) -> d
 
 
 def start_demo(port: int, direct_port: int, prefill_micro_batch: int, decode_micro_batch: int,
-               mixed_steps: bool = False, prefill_chunk: int | None = None) -> subprocess.Popen:
+               overrides: dict) -> subprocess.Popen:
     """The demo app with a fixed even 2-stage split (the stages share this machine's CPU, so a split planned for
-    the simulated GPU types would not be balanced here)."""
+    the simulated GPU types would not be balanced here), and `overrides` of the demo config's other args."""
     config = yaml.safe_load((ROOT / "deployments" / "demo.yaml").read_text())
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]
     args.update({"stages": [{"accelerator_type": "T4", "layers": [0, 4]}, {"accelerator_type": "V100",
                                                                           "layers": [4, 8]}],
-                 "prefill_micro_batch": prefill_micro_batch, "decode_micro_batch": decode_micro_batch,
-                 "mixed_steps": mixed_steps})
-    if prefill_chunk is not None:  # else the config's own
-        args["prefill_chunk_tokens"] = prefill_chunk or None
+                 "prefill_micro_batch": prefill_micro_batch, "decode_micro_batch": decode_micro_batch, **overrides})
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
     return subprocess.Popen([sys.executable, "-m", "deployments.simulated_cluster", f.name, "--gpus", "T4", "V100",
@@ -189,6 +186,8 @@ def main() -> int:
                         "with decode steps")
     parser.add_argument("--prefill-chunk", type=int, default=None, help="of the started demo app: prompt tokens "
                         "per prefill micro-batch (0: whole prompts; default: the demo config's)")
+    parser.add_argument("--prefill-wait-ms", type=float, default=None, help="of the started demo app: how long a "
+                        "partial prefill micro-batch may wait for more requests (default: the demo config's)")
     parser.add_argument("--no-stream", action="store_true",
                         help="non-streaming requests (no TTFT/TPOT): shows what per-token streaming costs")
     parser.add_argument("--json", action="store_true")
@@ -224,8 +223,12 @@ def serve_round(args: argparse.Namespace, reqs: list[tuple[list[int], int]], str
         # the router's own HTTP server (Serve's direct ingress) is the headline; the proxy actor's port is measured too
         direct_port, proxy_port = free_port(), free_port()
         url, proxy_url = f"http://127.0.0.1:{direct_port}", f"http://127.0.0.1:{proxy_port}"
-        server = start_demo(proxy_port, direct_port, args.prefill_micro_batch, args.decode_micro_batch,
-                            args.mixed_steps, args.prefill_chunk)
+        overrides = {"mixed_steps": args.mixed_steps}
+        if args.prefill_chunk is not None:  # else the config's own
+            overrides["prefill_chunk_tokens"] = args.prefill_chunk or None
+        if args.prefill_wait_ms is not None:
+            overrides["prefill_wait_ms"] = args.prefill_wait_ms
+        server = start_demo(proxy_port, direct_port, args.prefill_micro_batch, args.decode_micro_batch, overrides)
     try:
         wait_ready(url)
         asyncio.run(pipeline_run(url, args.model, reqs[:args.concurrency], args.concurrency))  # warm-up

@@ -37,12 +37,13 @@ def ring_over(stages: list[DeploymentHandle]) -> RingChain:
 class Router:
     def __init__(self, planner: DeploymentHandle, path: str, model_name: str, max_batch: int, max_seq: int,
                  max_queue: int, mixed_steps: bool = False, recovery_s: float = 300.0,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefill_wait_s: float = 0.0):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model_name, self.max_batch, self.max_seq, self.max_queue = model_name, max_batch, max_seq, max_queue
         self.mixed_steps, self.recovery_s, self.prefill_chunk = mixed_steps, recovery_s, prefill_chunk
+        self.prefill_wait_s = prefill_wait_s
         self.engine: PipelineEngine | None = None  # until the planner's first stages are up: the API answers 503
         self.not_ready = STARTING
         self.stages: list[DeploymentHandle] = []
@@ -74,7 +75,7 @@ class Router:
         if self.engine is None:
             scheduler = Scheduler.for_batch(chain, self.tokenizer, prefill_mb, decode_mb, self.max_batch,
                                             self.max_seq, self.max_queue, self.mixed_steps, self.recovery_s,
-                                            self.prefill_chunk)
+                                            self.prefill_chunk, self.prefill_wait_s)
             self.engine = PipelineEngine(scheduler, self.tokenizer, self.model_name, lambda: self.plan)
         else:
             old = self.engine.scheduler.chain

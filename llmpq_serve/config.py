@@ -36,6 +36,9 @@ class ServeConfig(BaseModel):
     prefill_chunk_tokens: int | None = Field(
         None, gt=0, description="prompt tokens per prefill micro-batch: a long prompt is prefilled in pieces between "
         "decode steps instead of holding them up (default: whole prompts)")
+    prefill_wait_ms: float = Field(
+        5.0, ge=0, description="how long a prefill micro-batch short of the planned size may wait for more requests "
+        "while the pipeline has room for it: a burst then goes in as planned instead of its first request alone")
     replan_poll_s: float = Field(5.0, gt=0, description="how often the planner looks at the cluster's GPU nodes")
     recovery_timeout_s: float = Field(
         300.0, gt=0, description="how long requests wait for lost stages to come back or be re-planned before failing")

@@ -14,6 +14,8 @@ import itertools
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -235,15 +237,19 @@ def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 409
                        sizes=sizes, seconds=times)
 
 
-def answer_with(logits: torch.Tensor, host: str, port: int) -> None:
-    """A ring stage, in a process of its own, that answers every micro-batch at once with the first rows of
-    `logits`: with it, a step's time is the router's work and the step's way around the ring."""
+def answer_with(rows: int, vocab: int, dtype: str, host: str, port: int) -> None:
+    """A ring stage that answers every micro-batch at once with its first rows of a [rows, vocab] logits tensor in
+    `dtype`, each row's greedy token an ordinary one of the stand-in tokenizer: with it, a step's time is the
+    router's work and the step's way around the ring. Run in a process of its own (`stage_process`)."""
     import logging
 
     from llmpq_serve.runtime.ring import StageLoop
 
     logging.getLogger("llmpq_serve.runtime.ring").setLevel(logging.ERROR)  # its ring closing is the normal end
     torch.set_num_threads(1)
+    logits = torch.zeros(rows, vocab, dtype=getattr(torch, dtype))
+    tokens = torch.randint(1, min(STAND_IN_VOCAB, vocab), (rows,), generator=torch.Generator().manual_seed(0))
+    logits[torch.arange(rows), tokens] = 1.0
     loop = StageLoop(lambda rows, x: logits[:len(rows.slots)], 0, 1)
     loop.start(host, port)
     loop.thread.join()
@@ -253,12 +259,26 @@ def answer_with(logits: torch.Tensor, host: str, port: int) -> None:
     os._exit(0)
 
 
+def stage_process(rows: int, vocab: int, dtype: torch.dtype, host: str, port: int) -> subprocess.Popen:
+    """`answer_with` in a new interpreter. Not a multiprocessing child: a spawned one imports the caller's main
+    module again, which in a script without a `__main__` guard runs the profiling again, in the child, and hangs
+    both; a fork would copy this process's threads' locks mid-use."""
+    root = str(Path(__file__).resolve().parent.parent)  # the package as this process imports it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = (f"from llmpq_serve.profiler import answer_with; "
+            f"answer_with({rows}, {vocab}, {str(dtype).removeprefix('torch.')!r}, {host!r}, {port})")
+    return subprocess.Popen([sys.executable, "-c", code], env=env)
+
+
+STAND_IN_VOCAB = 512
+
+
 def stand_in_tokenizer():
     """A byte-level BPE tokenizer like the demo models' (the profiler has no checkpoint's own): detokenizing is part
     of the router's work per step."""
     from llmpq_serve.demo_model import read_texts, stdlib_files, train_tokenizer
 
-    return train_tokenizer(read_texts(stdlib_files()[0], 200_000), 512)
+    return train_tokenizer(read_texts(stdlib_files()[0], 200_000), STAND_IN_VOCAB)
 
 
 def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: int = 64,
@@ -270,24 +290,16 @@ def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: i
     size: `steps` greedy tokens of a full group, each row repeating one ordinary token of the stand-in tokenizer.
     The logits come in `dtype`, the stages' runtime dtype, as the sampler gets them. On the 2-core CPU machine:
     0.49 ms for 4 rows (profiles/CPU.json), against 0.15 ms for the router's work alone."""
-    import multiprocessing
-
     from llmpq_serve.runtime.engine import PipelineEngine
     from llmpq_serve.runtime.ring import RingChain
     from llmpq_serve.runtime.sampling import SamplingParams
     from llmpq_serve.runtime.scheduler import Scheduler
 
     tokenizer = stand_in_tokenizer()
-    rows = max(batches)
-    logits = torch.zeros(rows, vocab, dtype=dtype)
-    tokens = torch.randint(1, min(len(tokenizer), vocab), (rows,), generator=torch.Generator().manual_seed(0))
-    logits[torch.arange(rows), tokens] = 1.0
-    spawn = multiprocessing.get_context("spawn")  # a fork would copy this process's threads' locks mid-use
-    stages: list = []
+    stages: list[subprocess.Popen] = []
 
     async def join(host: str, port: int) -> None:
-        stages.append(spawn.Process(target=answer_with, args=(logits, host, port), daemon=True))
-        stages[-1].start()
+        stages.append(stage_process(max(batches), vocab, dtype, host, port))
 
     async def one_run(chain: RingChain, mb: int) -> float:
         engine = PipelineEngine(Scheduler(chain, tokenizer, mb, mb, 1, steps + 16), tokenizer, "step", dict)
@@ -319,9 +331,11 @@ def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: i
         return asyncio.run(all_runs())
     finally:
         for stage in stages:
-            stage.join(timeout=30)
-            if stage.is_alive():
+            try:
+                stage.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 stage.kill()
+                stage.wait()
 
 
 def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,

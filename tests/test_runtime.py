@@ -2,6 +2,7 @@
 whatever the stage count and whoever a request is batched with; KV slots are freed; sampling is reproducible."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from llmpq_serve.runtime.kvcache import CacheFullError, SlotPool
 from llmpq_serve.runtime.local import even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
+from llmpq_serve.runtime.scheduler import Scheduler
 from tests.conftest import StubTokenizer
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n\nclass Parser(object):\n    def", "x = 1", "for i in range(10):"]
@@ -295,44 +297,79 @@ def test_switching_to_a_new_chain_mid_generation_keeps_every_stream(demo_checkpo
     assert engine.scheduler.pool.free == engine.scheduler.pool.slots and not engine.scheduler.live
 
 
+class SlowChain:
+    """A 2-stage chain whose every micro-batch takes `step_s`; it notes the rows of each prefill micro-batch, when
+    each went in, and the most prefills in flight at once."""
+
+    def __init__(self, step_s: float = 0.04):
+        self.stages, self.busy_s, self.step_s = 2, [0.0, 0.0], step_s
+        self.in_flight = self.most = 0
+        self.prefills: list[int] = []
+        self.prefill_at: list[float] = []
+
+    async def forward(self, rows, x):
+        prefill = any(n > 1 for n in rows.counts)
+        if prefill:
+            self.prefills.append(len(rows.counts))
+            self.prefill_at.append(time.monotonic())
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(self.step_s)
+        if prefill:
+            self.in_flight -= 1
+        return torch.zeros(len(rows.counts), 8)
+
+
+async def trickle(scheduler, n: int, gap_s: float) -> list[float]:
+    """`n` one-token requests `gap_s` apart; returns when each was submitted."""
+    submitted = [0.0] * n
+
+    async def one(i):
+        await asyncio.sleep(gap_s * i)
+        submitted[i] = time.monotonic()
+        req = scheduler.submit([1, 2, 3], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        while (await req.events.get()).finish_reason is None:
+            pass
+
+    try:
+        await asyncio.gather(*[one(i) for i in range(n)])
+    finally:
+        await scheduler.stop()
+    return submitted
+
+
 def test_arrivals_while_the_chain_is_full_of_prefills_form_planned_micro_batches():
     """Standalone prefills take at most one micro-batch per stage; requests arriving meanwhile wait and go in
     together (up to the planned prefill micro-batch), rather than each alone: a trickle of 8 requests 5 ms apart
     into a 2-stage chain whose micro-batch takes 40 ms."""
-    from llmpq_serve.runtime.scheduler import Scheduler
-
-    class SlowChain:
-        def __init__(self):
-            self.stages, self.busy_s = 2, [0.0, 0.0]
-            self.in_flight = self.most = 0
-            self.prefills: list[int] = []
-
-        async def forward(self, rows, x):
-            prefill = any(n > 1 for n in rows.counts)
-            if prefill:
-                self.prefills.append(len(rows.counts))
-                self.in_flight += 1
-                self.most = max(self.most, self.in_flight)
-            await asyncio.sleep(0.04)
-            if prefill:
-                self.in_flight -= 1
-            return torch.zeros(len(rows.counts), 8)
-
     chain = SlowChain()
-    scheduler = Scheduler.for_batch(chain, StubTokenizer(), 4, 8, 8, 64, 16)
-
-    async def go():
-        async def one(i):
-            await asyncio.sleep(0.005 * i)
-            req = scheduler.submit([1, 2, 3], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
-            while (await req.events.get()).finish_reason is None:
-                pass
-
-        try:
-            await asyncio.gather(*[one(i) for i in range(8)])
-        finally:
-            await scheduler.stop()
-
-    asyncio.run(go())
+    asyncio.run(trickle(Scheduler.for_batch(chain, StubTokenizer(), 4, 8, 8, 64, 16), 8, 0.005))
     assert chain.most == 2
     assert sum(chain.prefills) == 8 and len(chain.prefills) < 8 and max(chain.prefills) > 1
+
+
+def test_a_burst_spread_over_milliseconds_fills_the_planned_prefill_micro_batches_when_allowed_to_wait():
+    """8 requests 3 ms apart, prefill micro-batch 4: without a wait the first goes in alone; with prefill_wait_s
+    they go in as the 2 micro-batches planned. A lone request waits the wait once, no longer."""
+    eager = SlowChain()
+    asyncio.run(trickle(Scheduler.for_batch(eager, StubTokenizer(), 4, 8, 8, 64, 16), 8, 0.003))
+    assert eager.prefills[0] == 1 and len(eager.prefills) > 2
+
+    waiting = SlowChain()
+    asyncio.run(trickle(Scheduler.for_batch(waiting, StubTokenizer(), 4, 8, 8, 64, 16, prefill_wait_s=0.05), 8,
+                        0.003))
+    assert waiting.prefills == [4, 4]
+
+    alone = SlowChain()
+    (sent,) = asyncio.run(trickle(Scheduler.for_batch(alone, StubTokenizer(), 4, 8, 8, 64, 16, prefill_wait_s=0.05),
+                                  1, 0))
+    assert alone.prefills == [1] and 0.05 <= alone.prefill_at[0] - sent < 0.5
+
+
+def test_the_prefill_wait_ends_when_the_free_slots_are_all_taken():
+    """With 2 slots free a prefill micro-batch of 4 can hold only 2: it goes once they are there, not at the wait's
+    end."""
+    chain = SlowChain()
+    sent = asyncio.run(trickle(Scheduler.for_batch(chain, StubTokenizer(), 4, 2, 2, 64, 16, prefill_wait_s=5.0), 2,
+                               0.01))
+    assert chain.prefills == [2] and chain.prefill_at[0] - sent[1] < 1.0

@@ -17,7 +17,13 @@ With `prefill_chunk` a standalone prefill carries at most that many prompt token
 in pieces, each continuing in the cache where the last stopped, so it never holds a decode micro-batch up at a stage
 for longer than one piece takes. On the CPU demo (prompts of 16-96 tokens, stages sharing 2 cores) pieces of 28
 tokens lost throughput (599 against 653 tok/s): the stages' idle halves the pieces fill are the cores the router and
-the clients use, and a request's slot idles longer before it decodes. Off by default; for long prompts on GPUs."""
+the clients use, and a request's slot idles longer before it decodes. Off by default; for long prompts on GPUs.
+
+With `prefill_wait_s` a prefill micro-batch that the pipe has room for but that is not full waits until it is, or
+until its oldest request has waited that long. Requests sent at once never arrive at once (over HTTP on the CPU demo,
+8 of them reach the router over ~10 ms), and without the wait the first goes in alone, the next ones too while the
+pipe has room: 5 prefill micro-batches where the plan has 4, 4 where it has 2, each paying a stage's fixed cost per
+call. A request that comes alone pays the wait once, in its time to first token."""
 
 from __future__ import annotations
 
@@ -90,6 +96,7 @@ class Request:
     params: SamplingParams
     detok: Detokenizer
     generator: torch.Generator | None
+    arrived: float = field(default_factory=time.monotonic)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     slot: int = -1
     length: int = 0  # tokens in the KV cache
@@ -115,10 +122,11 @@ def slot_count(max_batch: int, decode_micro_batch: int) -> int:
 class Scheduler:
     def __init__(self, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
                  groups: int, max_seq: int, max_queue: int = 256, mixed_steps: bool = False,
-                 recovery_s: float = 300.0, prefill_chunk: int | None = None):
+                 recovery_s: float = 300.0, prefill_chunk: int | None = None, prefill_wait_s: float = 0.0):
         self.tokenizer = tokenizer
         self.max_seq, self.max_queue, self.mixed = max_seq, max_queue, mixed_steps
         self.prefill_chunk = prefill_chunk  # prompt tokens per standalone prefill micro-batch (None: whole prompts)
+        self.prefill_wait_s = prefill_wait_s  # how long a partial standalone prefill micro-batch may wait to fill
         # how long requests wait for a lost chain to come back (or be replaced) before they fail
         self.recovery_s = recovery_s
         self._lost_since: float | None = None
@@ -127,6 +135,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.live: dict[str, Request] = {}  # every request not finished, in arrival order
         self._wake = asyncio.Event()
+        self._arrival = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._steps: set[asyncio.Task] = set()  # standalone prefill steps on their way
         self._ids = itertools.count()
@@ -146,11 +155,12 @@ class Scheduler:
     @classmethod
     def for_batch(cls, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
                   max_batch: int, max_seq: int, max_queue: int, mixed_steps: bool = False,
-                  recovery_s: float = 300.0, prefill_chunk: int | None = None) -> Scheduler:
+                  recovery_s: float = 300.0, prefill_chunk: int | None = None,
+                  prefill_wait_s: float = 0.0) -> Scheduler:
         """A scheduler with room for `max_batch` concurrent requests."""
         return cls(chain, tokenizer, prefill_micro_batch, decode_micro_batch,
                    slot_count(max_batch, decode_micro_batch) // decode_micro_batch, max_seq, max_queue, mixed_steps,
-                   recovery_s, prefill_chunk)
+                   recovery_s, prefill_chunk, prefill_wait_s)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,6 +226,7 @@ class Scheduler:
         self.waiting.append(req)
         self.live[req.id] = req
         self._wake.set()
+        self._arrival.set()
         return req
 
     def cancel(self, req: Request) -> None:
@@ -284,6 +295,7 @@ class Scheduler:
                 standalone = not (self.mixed and self.running)
                 if standalone:
                     await self._prefill_room.acquire()
+                    await self._until_filled()
                     if not (self.waiting and self.pool.free):  # cancelled or taken meanwhile
                         self._prefill_room.release()
                         break
@@ -302,6 +314,19 @@ class Scheduler:
                     task.add_done_callback(self._steps.discard)
                     room = self._prefill_room  # a switch replaces it: release the one taken
                     task.add_done_callback(lambda _, room=room: room.release())
+
+    async def _until_filled(self) -> None:
+        """Returns once the next prefill micro-batch is full (as many waiting requests as it or the free slots hold)
+        or its oldest request has waited `prefill_wait_s`."""
+        while self.waiting and len(self.waiting) < min(self.prefill_mb, self.pool.free):
+            left = self.waiting[0].arrived + self.prefill_wait_s - time.monotonic()
+            if left <= 0:
+                return
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), left)
+            except TimeoutError:
+                return
 
     # ---- steps ----------------------------------------------------------------------------------------------------
     async def _decode_loop(self, group: int) -> None:
