@@ -107,8 +107,8 @@ def taking_turns(stages: list, workload: Workload, pmb: int, dmb: int, held: flo
     times = [s.prefill_s for s in stages]
     step = max(times) + held * (sum(times) - max(times))
     decode = [s.decode_s for s in stages]
-    return (min((k_p + n - 1) * step, k_p * sum(times)),
-            (workload.gen_len - 1) * k_d * sum(decode) + early_decode_steps(workload.batch_size, pmb, dmb) * max(decode))
+    early = early_decode_steps(workload.batch_size, pmb, dmb)
+    return min((k_p + n - 1) * step, k_p * sum(times)), (workload.gen_len - 1) * k_d * sum(decode) + early * max(decode)
 
 
 def gil_held_share(path: Path, workload: Workload = WORKLOAD, repeats: int = 30) -> float:

@@ -22,5 +22,4 @@ def build_app(args: dict[str, Any]) -> Application:
     config = ServeConfig.model_validate(args)
     path = config.checkpoint()
     return Router.bind(Planner.bind(args), str(path), config.model if config.model.startswith("demo-") else path.name,
-                       config.workload.batch_size, config.max_context, config.max_queue, config.mixed_steps,
-                       config.recovery_timeout_s, config.prefill_chunk_tokens, config.prefill_wait_ms / 1e3)
+                       config.workload.batch_size, config.max_context, config.scheduling())

@@ -13,7 +13,7 @@ from ray.serve.handle import DeploymentHandle
 
 from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.ring import RingChain
-from llmpq_serve.runtime.scheduler import Scheduler
+from llmpq_serve.runtime.scheduler import Scheduler, SchedulerOptions
 from llmpq_serve.server.openai_app import build_app
 
 logger = logging.getLogger("llmpq")
@@ -36,14 +36,12 @@ def ring_over(stages: list[DeploymentHandle]) -> RingChain:
 @serve.ingress()
 class Router:
     def __init__(self, planner: DeploymentHandle, path: str, model_name: str, max_batch: int, max_seq: int,
-                 max_queue: int, mixed_steps: bool = False, recovery_s: float = 300.0,
-                 prefill_chunk: int | None = None, prefill_wait_s: float = 0.0):
+                 scheduling: SchedulerOptions):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model_name, self.max_batch, self.max_seq, self.max_queue = model_name, max_batch, max_seq, max_queue
-        self.mixed_steps, self.recovery_s, self.prefill_chunk = mixed_steps, recovery_s, prefill_chunk
-        self.prefill_wait_s = prefill_wait_s
+        self.model_name, self.max_batch, self.max_seq = model_name, max_batch, max_seq
+        self.scheduling = scheduling
         self.engine: PipelineEngine | None = None  # until the planner's first stages are up: the API answers 503
         self.not_ready = STARTING
         self.stages: list[DeploymentHandle] = []
@@ -74,8 +72,7 @@ class Router:
         prefill_mb, decode_mb = update["prefill_micro_batch"], update["decode_micro_batch"]
         if self.engine is None:
             scheduler = Scheduler.for_batch(chain, self.tokenizer, prefill_mb, decode_mb, self.max_batch,
-                                            self.max_seq, self.max_queue, self.mixed_steps, self.recovery_s,
-                                            self.prefill_chunk, self.prefill_wait_s)
+                                            self.max_seq, self.scheduling)
             self.engine = PipelineEngine(scheduler, self.tokenizer, self.model_name, lambda: self.plan)
         else:
             old = self.engine.scheduler.chain

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llmpq_serve.spec import Workload
+
+if TYPE_CHECKING:
+    from llmpq_serve.runtime.scheduler import SchedulerOptions
 
 DEMO_MODELS = {"demo-llama": "llama", "demo-opt": "opt"}
 
@@ -54,6 +57,13 @@ class ServeConfig(BaseModel):
         if self.stages is not None and (self.prefill_micro_batch is None or self.decode_micro_batch is None):
             raise ValueError("fixed stages need prefill_micro_batch and decode_micro_batch too")
         return self
+
+    def scheduling(self) -> SchedulerOptions:
+        from llmpq_serve.runtime.scheduler import SchedulerOptions  # the config stays importable without torch
+
+        return SchedulerOptions(max_queue=self.max_queue, mixed_steps=self.mixed_steps,
+                                recovery_s=self.recovery_timeout_s, prefill_chunk=self.prefill_chunk_tokens,
+                                prefill_wait_s=self.prefill_wait_ms / 1e3)
 
     def checkpoint(self) -> Path:
         """The model's directory; the demo models are trained here on first use."""

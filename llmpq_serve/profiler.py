@@ -250,7 +250,7 @@ def answer_with(rows: int, vocab: int, dtype: str, host: str, port: int) -> None
     logits = torch.zeros(rows, vocab, dtype=getattr(torch, dtype))
     tokens = torch.randint(1, min(STAND_IN_VOCAB, vocab), (rows,), generator=torch.Generator().manual_seed(0))
     logits[torch.arange(rows), tokens] = 1.0
-    loop = StageLoop(lambda rows, x: logits[:len(rows.slots)], 0, 1)
+    loop = StageLoop(lambda mb, x: logits[:len(mb.slots)], 0, 1)
     loop.start(host, port)
     loop.thread.join()
     # The ring is closed and nothing is left to clean up. The interpreter's teardown aborted this process in half the

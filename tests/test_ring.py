@@ -13,7 +13,7 @@ from llmpq_serve.runtime import ring
 from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.local import StageRunner, even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
-from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, slot_count
+from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, SchedulerOptions, slot_count
 from tests.conftest import StubTokenizer
 from tests.test_runtime import PROMPTS, run_all
 
@@ -32,7 +32,8 @@ def ring_engine(path, stages, prefill_mb, decode_mb, max_batch, max_seq, wrap=la
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     chain = ring.RingChain(len(runners), HOST, join)
-    scheduler = Scheduler.for_batch(chain, tokenizer, prefill_mb, decode_mb, max_batch, max_seq, 64)
+    scheduler = Scheduler.for_batch(chain, tokenizer, prefill_mb, decode_mb, max_batch, max_seq,
+                                    SchedulerOptions(max_queue=64))
     return PipelineEngine(scheduler, tokenizer, "demo", dict)
 
 
@@ -206,7 +207,8 @@ def test_a_dead_stage_loses_no_request_the_next_ring_carries_it_on(demo_checkpoi
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     chain = ring.RingChain(1, HOST, join)
-    engine = PipelineEngine(Scheduler.for_batch(chain, tokenizer, 1, 1, 2, 128, 8), tokenizer, "demo", dict)
+    scheduler = Scheduler.for_batch(chain, tokenizer, 1, 1, 2, 128, SchedulerOptions(max_queue=8))
+    engine = PipelineEngine(scheduler, tokenizer, "demo", dict)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
     async def go():
@@ -237,7 +239,8 @@ def test_requests_fail_when_the_chain_stays_down_past_the_recovery_time():
             raise ring.RingDownError("the stage ring is down: gone")
 
     tok = StubTokenizer()
-    engine = PipelineEngine(Scheduler.for_batch(DownChain(), tok, 1, 1, 2, 64, 8, recovery_s=1.0), tok, "t", dict)
+    engine = PipelineEngine(Scheduler.for_batch(DownChain(), tok, 1, 1, 2, 64,
+                                                SchedulerOptions(max_queue=8, recovery_s=1.0)), tok, "t", dict)
 
     async def go():
         start = asyncio.get_running_loop().time()

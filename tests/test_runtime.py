@@ -10,7 +10,7 @@ import torch
 from llmpq_serve.runtime.kvcache import CacheFullError, SlotPool
 from llmpq_serve.runtime.local import even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
-from llmpq_serve.runtime.scheduler import Scheduler
+from llmpq_serve.runtime.scheduler import Scheduler, SchedulerOptions
 from tests.conftest import StubTokenizer
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n\nclass Parser(object):\n    def", "x = 1", "for i in range(10):"]
@@ -204,7 +204,7 @@ def test_mixed_steps_carry_prefills_in_decode_steps_and_keep_the_tokens(demo_che
 
     path = demo_checkpoint("llama")
     engine = local_engine(path, even_stages(3, 2), prefill_micro_batch=2, decode_micro_batch=4, max_batch=4,
-                          max_seq=128, mixed_steps=True)
+                          max_seq=128, options=SchedulerOptions(mixed_steps=True))
     chain = engine.scheduler.chain
     mixed = []
     forward = chain.forward
@@ -227,7 +227,7 @@ def test_chunked_prefill_splits_prompts_and_keeps_the_tokens(demo_checkpoint, ar
     continue where the last stopped, and every request still gets HF's greedy tokens."""
     path = demo_checkpoint(arch)
     engine = local_engine(path, even_stages(3, 2), prefill_micro_batch=2, decode_micro_batch=4, max_batch=4,
-                          max_seq=128, prefill_chunk=5)
+                          max_seq=128, options=SchedulerOptions(prefill_chunk=5))
     chain = engine.scheduler.chain
     prefills = []
     forward = chain.forward
@@ -298,11 +298,11 @@ def test_switching_to_a_new_chain_mid_generation_keeps_every_stream(demo_checkpo
 
 
 class SlowChain:
-    """A 2-stage chain whose every micro-batch takes `step_s`; it notes the rows of each prefill micro-batch, when
+    """A 2-stage chain whose every micro-batch takes 40 ms; it notes the rows of each prefill micro-batch, when
     each went in, and the most prefills in flight at once."""
 
-    def __init__(self, step_s: float = 0.04):
-        self.stages, self.busy_s, self.step_s = 2, [0.0, 0.0], step_s
+    def __init__(self):
+        self.stages, self.busy_s = 2, [0.0, 0.0]
         self.in_flight = self.most = 0
         self.prefills: list[int] = []
         self.prefill_at: list[float] = []
@@ -314,10 +314,15 @@ class SlowChain:
             self.prefill_at.append(time.monotonic())
             self.in_flight += 1
             self.most = max(self.most, self.in_flight)
-        await asyncio.sleep(self.step_s)
+        await asyncio.sleep(0.04)
         if prefill:
             self.in_flight -= 1
         return torch.zeros(len(rows.counts), 8)
+
+
+def scheduler_over(chain, prefill_mb: int, decode_mb: int, max_batch: int, **options):
+    return Scheduler.for_batch(chain, StubTokenizer(), prefill_mb, decode_mb, max_batch, 64,
+                               SchedulerOptions(max_queue=16, **options))
 
 
 async def trickle(scheduler, n: int, gap_s: float) -> list[float]:
@@ -343,7 +348,7 @@ def test_arrivals_while_the_chain_is_full_of_prefills_form_planned_micro_batches
     together (up to the planned prefill micro-batch), rather than each alone: a trickle of 8 requests 5 ms apart
     into a 2-stage chain whose micro-batch takes 40 ms."""
     chain = SlowChain()
-    asyncio.run(trickle(Scheduler.for_batch(chain, StubTokenizer(), 4, 8, 8, 64, 16), 8, 0.005))
+    asyncio.run(trickle(scheduler_over(chain, 4, 8, 8), 8, 0.005))
     assert chain.most == 2
     assert sum(chain.prefills) == 8 and len(chain.prefills) < 8 and max(chain.prefills) > 1
 
@@ -352,17 +357,15 @@ def test_a_burst_spread_over_milliseconds_fills_the_planned_prefill_micro_batche
     """8 requests 3 ms apart, prefill micro-batch 4: without a wait the first goes in alone; with prefill_wait_s
     they go in as the 2 micro-batches planned. A lone request waits the wait once, no longer."""
     eager = SlowChain()
-    asyncio.run(trickle(Scheduler.for_batch(eager, StubTokenizer(), 4, 8, 8, 64, 16), 8, 0.003))
+    asyncio.run(trickle(scheduler_over(eager, 4, 8, 8), 8, 0.003))
     assert eager.prefills[0] == 1 and len(eager.prefills) > 2
 
     waiting = SlowChain()
-    asyncio.run(trickle(Scheduler.for_batch(waiting, StubTokenizer(), 4, 8, 8, 64, 16, prefill_wait_s=0.05), 8,
-                        0.003))
+    asyncio.run(trickle(scheduler_over(waiting, 4, 8, 8, prefill_wait_s=0.05), 8, 0.003))
     assert waiting.prefills == [4, 4]
 
     alone = SlowChain()
-    (sent,) = asyncio.run(trickle(Scheduler.for_batch(alone, StubTokenizer(), 4, 8, 8, 64, 16, prefill_wait_s=0.05),
-                                  1, 0))
+    (sent,) = asyncio.run(trickle(scheduler_over(alone, 4, 8, 8, prefill_wait_s=0.05), 1, 0))
     assert alone.prefills == [1] and 0.05 <= alone.prefill_at[0] - sent < 0.5
 
 
@@ -370,6 +373,15 @@ def test_the_prefill_wait_ends_when_the_free_slots_are_all_taken():
     """With 2 slots free a prefill micro-batch of 4 can hold only 2: it goes once they are there, not at the wait's
     end."""
     chain = SlowChain()
-    sent = asyncio.run(trickle(Scheduler.for_batch(chain, StubTokenizer(), 4, 2, 2, 64, 16, prefill_wait_s=5.0), 2,
-                               0.01))
+    sent = asyncio.run(trickle(scheduler_over(chain, 4, 2, 2, prefill_wait_s=5.0), 2, 0.01))
     assert chain.prefills == [2] and chain.prefill_at[0] - sent[1] < 1.0
+
+
+def test_the_serve_config_hands_every_scheduling_option_to_the_scheduler():
+    from llmpq_serve.config import ServeConfig
+
+    config = ServeConfig(model="m", max_queue=7, mixed_steps=True, recovery_timeout_s=9, prefill_chunk_tokens=3,
+                         prefill_wait_ms=12)
+    assert config.scheduling() == SchedulerOptions(max_queue=7, mixed_steps=True, recovery_s=9.0, prefill_chunk=3,
+                                                   prefill_wait_s=0.012)
+    assert ServeConfig(model="m").scheduling().prefill_wait_s == pytest.approx(0.005)

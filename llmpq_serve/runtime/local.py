@@ -11,7 +11,7 @@ import torch
 
 from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.layers import Rows
-from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, slot_count
+from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, SchedulerOptions, slot_count
 from llmpq_serve.runtime.shard import QuantOptions, StageShard, StageSpec
 from llmpq_serve.runtime.transfer import to_host
 
@@ -64,14 +64,12 @@ class LocalChain:
 
 def local_engine(path: str | Path, stages: list[StageSpec], prefill_micro_batch: int, decode_micro_batch: int,
                  max_batch: int, max_seq: int, device: str = "cpu", quant: QuantOptions | None = None,
-                 max_queue: int = 256, plan: dict | None = None, mixed_steps: bool = False,
-                 prefill_chunk: int | None = None) -> PipelineEngine:
+                 options: SchedulerOptions | None = None, plan: dict | None = None) -> PipelineEngine:
     from transformers import AutoTokenizer
 
     slots = slot_count(max_batch, decode_micro_batch)
     runners = [StageRunner(path, s, slots, max_seq, device, quant) for s in stages]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     scheduler = Scheduler.for_batch(LocalChain(runners), tokenizer, prefill_micro_batch, decode_micro_batch,
-                                    max_batch, max_seq, max_queue, mixed_steps,
-                                    prefill_chunk=prefill_chunk)
+                                    max_batch, max_seq, options or SchedulerOptions())
     return PipelineEngine(scheduler, tokenizer, Path(path).name, lambda: plan or {})

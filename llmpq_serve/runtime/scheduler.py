@@ -114,6 +114,18 @@ class Request:
         return self.prompt + self.detok.token_ids
 
 
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """How the scheduler admits and forms micro-batches, besides the plan's micro-batch sizes (see the module's
+    doc); the serve config's `scheduling()` gives them for a deployment."""
+
+    max_queue: int = 256  # waiting requests beyond which `submit` refuses more
+    mixed_steps: bool = False
+    recovery_s: float = 300.0  # how long requests wait for a lost chain to come back (or be replaced) before failing
+    prefill_chunk: int | None = None  # prompt tokens per standalone prefill micro-batch (None: whole prompts)
+    prefill_wait_s: float = 0.0  # how long a partial standalone prefill micro-batch may wait to fill
+
+
 def slot_count(max_batch: int, decode_micro_batch: int) -> int:
     """KV-cache slots for `max_batch` concurrent requests: whole groups of one decode micro-batch each."""
     return math.ceil(max_batch / decode_micro_batch) * decode_micro_batch
@@ -121,14 +133,9 @@ def slot_count(max_batch: int, decode_micro_batch: int) -> int:
 
 class Scheduler:
     def __init__(self, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
-                 groups: int, max_seq: int, max_queue: int = 256, mixed_steps: bool = False,
-                 recovery_s: float = 300.0, prefill_chunk: int | None = None, prefill_wait_s: float = 0.0):
+                 groups: int, max_seq: int, options: SchedulerOptions = SchedulerOptions()):
         self.tokenizer = tokenizer
-        self.max_seq, self.max_queue, self.mixed = max_seq, max_queue, mixed_steps
-        self.prefill_chunk = prefill_chunk  # prompt tokens per standalone prefill micro-batch (None: whole prompts)
-        self.prefill_wait_s = prefill_wait_s  # how long a partial standalone prefill micro-batch may wait to fill
-        # how long requests wait for a lost chain to come back (or be replaced) before they fail
-        self.recovery_s = recovery_s
+        self.max_seq, self.options = max_seq, options
         self._lost_since: float | None = None
         self.resumed = 0  # requests prefilled again with their tokens after a switch or a lost chain
         self._recovery: asyncio.Task | None = None
@@ -154,13 +161,10 @@ class Scheduler:
 
     @classmethod
     def for_batch(cls, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
-                  max_batch: int, max_seq: int, max_queue: int, mixed_steps: bool = False,
-                  recovery_s: float = 300.0, prefill_chunk: int | None = None,
-                  prefill_wait_s: float = 0.0) -> Scheduler:
+                  max_batch: int, max_seq: int, options: SchedulerOptions = SchedulerOptions()) -> Scheduler:
         """A scheduler with room for `max_batch` concurrent requests."""
         return cls(chain, tokenizer, prefill_micro_batch, decode_micro_batch,
-                   slot_count(max_batch, decode_micro_batch) // decode_micro_batch, max_seq, max_queue, mixed_steps,
-                   recovery_s, prefill_chunk, prefill_wait_s)
+                   slot_count(max_batch, decode_micro_batch) // decode_micro_batch, max_seq, options)
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -218,7 +222,7 @@ class Scheduler:
         if len(prompt) + params.max_tokens > self.max_seq:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context of {self.max_seq} tokens")
-        if len(self.waiting) >= self.max_queue:
+        if len(self.waiting) >= self.options.max_queue:
             raise QueueFullError(retry_after=1.0)
         self.start()
         req = Request(request_id or f"req-{next(self._ids)}", list(prompt), params,
@@ -264,11 +268,11 @@ class Scheduler:
         """Every live request again, from its prompt and tokens, on the chain as it is now (a transport reopens a
         broken chain on its next micro-batch); until `recovery_s` has passed, then they fail."""
         await asyncio.sleep(0.5)  # the other micro-batches of the broken chain fail meanwhile
-        if time.monotonic() - self._lost_since <= self.recovery_s:
+        if time.monotonic() - self._lost_since <= self.options.recovery_s:
             await self.switch(self.chain)
             return
         await self.stop()
-        lost = ChainLostError(f"the pipeline has been down for over {self.recovery_s:.0f} s: {error}")
+        lost = ChainLostError(f"the pipeline has been down for over {self.options.recovery_s:.0f} s: {error}")
         self._fail(list(self.live.values()), lost)
         self.waiting.clear()
         self._use(self.chain, self.prefill_mb, self.decode_mb, self.pool.groups)
@@ -292,7 +296,7 @@ class Scheduler:
             await self._wake.wait()
             self._wake.clear()
             while self.waiting and self.pool.free:
-                standalone = not (self.mixed and self.running)
+                standalone = not (self.options.mixed_steps and self.running)
                 if standalone:
                     await self._prefill_room.acquire()
                     await self._until_filled()
@@ -319,7 +323,7 @@ class Scheduler:
         """Returns once the next prefill micro-batch is full (as many waiting requests as it or the free slots hold)
         or its oldest request has waited `prefill_wait_s`."""
         while self.waiting and len(self.waiting) < min(self.prefill_mb, self.pool.free):
-            left = self.waiting[0].arrived + self.prefill_wait_s - time.monotonic()
+            left = self.waiting[0].arrived + self.options.prefill_wait_s - time.monotonic()
             if left <= 0:
                 return
             self._arrival.clear()
@@ -349,7 +353,7 @@ class Scheduler:
         micro-batch is on another one, in the time the stage would otherwise wait."""
         todo = {r.id: len(r.context) for r in batch}
         while batch:
-            budget, part = self.prefill_chunk or math.inf, []
+            budget, part = self.options.prefill_chunk or math.inf, []
             for r in batch:
                 take = min(budget, todo[r.id] - r.length)
                 if take <= 0:
