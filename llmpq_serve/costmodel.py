@@ -232,10 +232,20 @@ class CostModel:
         return tokens * self.model.hidden * self.config.act_bytes
 
     def link(self, src: DeviceSpec, dst: DeviceSpec, inter_node_gbs: float) -> tuple[float, float]:
-        """(bytes/s, latency s) of the link from src to dst."""
+        """(bytes/s, latency s) of the hop from src to dst. The ring takes every activation off the device and
+        through a TCP socket, so the hop measured beside src's profile (`Profile.transfer`) is what a hop within a
+        node costs; between nodes the network's bandwidth caps it and its latency adds. Without a measured hop: the
+        catalog's links."""
+        profile = self.profile(src.spec)
+        hop = profile.transfer if profile else None
         if src.node == dst.node:
+            if hop:
+                return hop.bytes_per_s, hop.latency_s
             return min(src.spec.link_gbs, dst.spec.link_gbs) * 1e9, self.config.intra_node_latency_s
-        return inter_node_gbs * 1e9, self.config.inter_node_latency_s
+        network = inter_node_gbs * 1e9
+        if hop:
+            return min(network, hop.bytes_per_s), self.config.inter_node_latency_s + hop.latency_s
+        return network, self.config.inter_node_latency_s
 
     def transfer_time(self, src: DeviceSpec, dst: DeviceSpec, inter_node_gbs: float, phase: Phase,
                       micro_batch: int, seq: int) -> float:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import io
 import itertools
 import math
 import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -213,28 +213,42 @@ def profile_head(hidden: int, vocab: int, batches: tuple[int, ...], device: torc
 
 
 def profile_transfer(device: torch.device, dtype: torch.dtype, hidden: int = 4096) -> TransferFit:
-    """Latency and bandwidth of handing an activation to the next stage: device -> host -> device on a GPU,
-    serialisation round trip on the CPU; a straight line fitted over sizes. Reported with the profile; the cost
-    model's transfer time comes from the catalog's links."""
-    def hop(x: torch.Tensor) -> torch.Tensor:
-        if device.type == "cuda":
-            return to_host(x).to(device)
-        buf = io.BytesIO()
-        torch.save(x, buf)
-        buf.seek(0)
-        return torch.load(buf)
+    """A stage-to-stage hop as the ring makes it: off the device, through the runtime's own link (a loopback TCP
+    socket, `ring.loopback_pair`) and onto the device again, timed as half a round trip between two threads for
+    activations of 1 to 4096 tokens. The fit's latency is the smallest message's hop less its bytes at the fitted
+    bandwidth, which comes from the largest and smallest messages: a least-squares line over sizes this far apart
+    would set the latency by the largest message's noise."""
+    from llmpq_serve.runtime.ring import loopback_pair
 
+    near, far = loopback_pair()
+
+    def echo() -> None:
+        try:
+            while True:
+                meta, x = far.recv()
+                far.send(meta, x.to(device))
+        except (ConnectionError, OSError):  # the pair closed: profiling is over
+            pass
+
+    def round_trip(x: torch.Tensor) -> torch.Tensor:
+        near.send({}, x)
+        return near.recv()[1].to(device)
+
+    echoing = threading.Thread(target=echo, name="profile-hop-echo", daemon=True)
+    echoing.start()
     sizes, times = [], []
-    for tokens in (1, 16, 256, 4096):
-        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-        sizes.append(x.numel() * x.element_size())
-        times.append(measure(partial(hop, x), device)[0])
-    n = len(sizes)
-    mean_s, mean_t = sum(sizes) / n, sum(times) / n
-    slope = (sum((s - mean_s) * (t - mean_t) for s, t in zip(sizes, times))
-             / sum((s - mean_s) ** 2 for s in sizes))
-    return TransferFit(latency_s=max(mean_t - slope * mean_s, 0.0), bytes_per_s=1 / max(slope, 1e-15),
-                       sizes=sizes, seconds=times)
+    try:
+        for tokens in (1, 16, 256, 4096):
+            x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+            sizes.append(x.numel() * x.element_size())
+            times.append(measure(partial(round_trip, x), device)[0] / 2)
+    finally:
+        near.close()
+        far.close()
+        echoing.join()
+    bytes_per_s = (sizes[-1] - sizes[0]) / max(times[-1] - times[0], 1e-12)
+    return TransferFit(latency_s=max(times[0] - sizes[0] / bytes_per_s, 0.0), bytes_per_s=bytes_per_s, sizes=sizes,
+                       seconds=times)
 
 
 def answer_with(rows: int, vocab: int, dtype: str, host: str, port: int) -> None:

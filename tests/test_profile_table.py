@@ -129,3 +129,26 @@ def test_a_new_profile_keeps_the_other_shapes_of_an_older_one():
     assert "kept from" in merged.method
     with pytest.raises(ValueError, match="cannot merge"):
         new.keeping(_profile(ModelSpec.from_catalog("opt-13b"), device_type="A100"))
+
+
+def test_a_measured_hop_prices_the_links_of_its_device_type(tmp_path):
+    """The ring's hop as profiled (off the device, a loopback socket, onto the device) replaces the catalog's link
+    within a node; between nodes the network caps its bandwidth and adds its latency. Other types keep the catalog."""
+    from llmpq_serve.profile_table import TransferFit
+    from llmpq_serve.spec import ClusterSpec
+
+    model = ModelSpec.from_catalog("opt-13b")
+    profile = _profile(model)
+    profile.transfer = TransferFit(latency_s=80e-6, bytes_per_s=1e9, sizes=[1, 2], seconds=[1.0, 2.0])
+    profile.save(tmp_path / "T4.json")
+    cm = CostModel(model, CostConfig(profiles_dir=tmp_path))
+    cluster = ClusterSpec.from_dict({"nodes": [{"name": "a", "devices": [{"type": "T4", "count": 2},
+                                                                          {"type": "A10", "count": 1}]},
+                                               {"name": "b", "devices": [{"type": "T4", "count": 1}]}],
+                                     "inter_node_gbs": 0.5})
+    t4, t4_next, a10, t4_far = cluster.devices
+    nbytes = cm.activation_bytes("decode", 4, 100)
+    assert cm.transfer_time(t4, t4_next, 0.5, "decode", 4, 100) == pytest.approx(80e-6 + nbytes / 1e9)
+    assert cm.transfer_time(t4, t4_far, 0.5, "decode", 4, 100) == pytest.approx(50e-6 + 80e-6 + nbytes / 0.5e9)
+    assert cm.transfer_time(a10, t4, 0.5, "decode", 4, 100) == pytest.approx(
+        nbytes / (min(a10.spec.link_gbs, t4.spec.link_gbs) * 1e9) + 10e-6)

@@ -1,5 +1,7 @@
 """The profiler measures the runtime's own layer forward and writes a profile the cost model reads back."""
 
+import threading
+
 from llmpq_serve import profiler
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.profile_table import HeadPoint, LayerShape, Profile
@@ -18,7 +20,10 @@ def test_profile_covers_the_grid_and_round_trips(tmp_path, monkeypatch):
     assert table.shape == LayerShape.of(TINY)
     assert len(table.points) == 2 * (2 * 2 + 2 * 2)
     assert all(p.p10_s <= p.median_s <= p.p90_s for p in table.points)
-    assert prof.transfer is not None and prof.transfer.bytes_per_s > 0
+    hop = prof.transfer  # the ring's own hop: a loopback socket between two threads, both ways closed after
+    assert hop is not None and hop.bytes_per_s > 0 and hop.latency_s > 0
+    assert hop.seconds[-1] > hop.seconds[0] and hop.sizes == sorted(hop.sizes)
+    assert not [t for t in threading.enumerate() if t.name == "profile-hop-echo"]
     assert [h.micro_batch for h in prof.heads] == [1, 4]
     prof.save(tmp_path / "CPU.json")
     again = Profile.load(tmp_path / "CPU.json")

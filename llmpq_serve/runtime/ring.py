@@ -58,7 +58,7 @@ class Links:
     kernel has the bytes, and may be called from several threads; `recv` blocks until a whole message is in, and is
     called from one thread at a time."""
 
-    def __init__(self, store: dist.TCPStore, inbound: socket.socket, outbound: socket.socket):
+    def __init__(self, store: dist.TCPStore | None, inbound: socket.socket, outbound: socket.socket):
         self._store = store  # rank 0 serves the store: it must outlive the others' look-ups of their neighbours
         self.inbound, self.outbound = inbound, outbound
         self._sending = threading.Lock()  # a stage's two lanes send on the same link: messages must not interleave
@@ -114,10 +114,28 @@ def connect(host: str, port: int, rank: int, world: int) -> Links:
     if prev != (rank - 1) % world:
         raise ConnectionError(f"rank {rank} was reached by rank {prev}, not by its previous rank {(rank - 1) % world}")
     for sock in (inbound, outbound):
-        sock.settimeout(None)  # links idle as long as the service does; a dead peer is noticed by its closed socket
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a decode step is one small message
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # and a vanished node, by keep-alive probes
+        _tune(sock)
     return Links(store, inbound, outbound)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.settimeout(None)  # links idle as long as the service does; a dead peer is noticed by its closed socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a decode step is one small message
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # and a vanished node, by keep-alive probes
+
+
+def loopback_pair() -> tuple[Links, Links]:
+    """Two ranks of one process linked both ways over this machine's loopback, as `connect` links ring neighbours:
+    what the profiler times a stage-to-stage hop on."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = listener.getsockname()
+        a_out = socket.create_connection(address)
+        b_in, _ = listener.accept()
+        b_out = socket.create_connection(address)
+        a_in, _ = listener.accept()
+    for sock in (a_out, a_in, b_out, b_in):
+        _tune(sock)
+    return Links(None, a_in, a_out), Links(None, b_in, b_out)
 
 
 def _listener() -> socket.socket:
