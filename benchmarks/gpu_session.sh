@@ -24,9 +24,9 @@ fetch() {
     du -sh .whl
 }
 
-profile() {
+profile() {  # model, device
     # tqdm's bars are one long line of carriage returns: the log keeps the summary only
-    python3 -m llmpq_serve.cli profile --model "$1" --device "$device" 2>&1 | { grep -v 'point/s' || true; } \
+    python3 -m llmpq_serve.cli profile --model "$1" --device "$2" 2>&1 | { grep -v 'point/s' || true; } \
         | tee -a "$OUT/profile.txt"
 }
 
@@ -38,11 +38,11 @@ run() {
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     export PYTHONUNBUFFERED=1
-    device=${DEVICE:-cuda}
-    local stack=${STACK:-llama-3-8b} models=${MODELS:-opt-13b opt-30b opt-66b bloom-176b llama-3-70b}
+    local device=${DEVICE:-cuda} stack=${STACK:-llama-3-8b}
+    local models=${MODELS:-opt-13b opt-30b opt-66b bloom-176b llama-3-70b}
     local deadline=$((SECONDS + ${BUDGET_S:-540}))
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; } 2>&1 | tee "$OUT/device.txt"
-    profile "$stack"
+    profile "$stack" "$device"
     if python3 benchmarks/costmodel_fidelity.py --stack "$stack" --device "$device" --json \
             > "$OUT/costmodel_fidelity_stack.json"; then
         python3 -c 'import json, sys; d = json.load(open(sys.argv[1]))
@@ -54,7 +54,7 @@ print("stack fidelity: median", d["median_abs_rel_error"], "max", d["max_abs_rel
     for model in $models; do
         # the large shapes took ~1 min each on an H100; none starts that could not finish in time
         if (( SECONDS + 75 > deadline )); then echo "out of time before $model"; break; fi
-        profile "$model"
+        profile "$model" "$device"
     done
     cp profiles/*.json "$OUT/"
 }

@@ -303,7 +303,7 @@ def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: i
     whose one stage, a process of its own, answers at once (`answer_with`), for one decode micro-batch of each
     size: `steps` greedy tokens of a full group, each row repeating one ordinary token of the stand-in tokenizer.
     The logits come in `dtype`, the stages' runtime dtype, as the sampler gets them. On the 2-core CPU machine:
-    0.49 ms for 4 rows (profiles/CPU.json), against 0.15 ms for the router's work alone."""
+    0.42 ms for 4 rows (profiles/CPU.json), against 0.15 ms for the router's work alone."""
     from llmpq_serve.runtime.engine import PipelineEngine
     from llmpq_serve.runtime.ring import RingChain
     from llmpq_serve.runtime.sampling import SamplingParams
