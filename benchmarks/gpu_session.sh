@@ -26,7 +26,7 @@ fetch() {
 
 profile() {  # model, device
     # tqdm's bars are one long line of carriage returns: the log keeps the summary only
-    python3 -m llmpq_serve.cli profile --model "$1" --device "$2" 2>&1 | { grep -v 'point/s' || true; } \
+    python3 -m llmpq_serve.cli profile --model "$1" --device "$2" 2>&1 | { grep -v 'sample/s' || true; } \
         | tee -a "$OUT/profile.txt"
 }
 

@@ -95,7 +95,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     grid = None
     if args.quick:
         grid = profiler.Grid((1, 4), (16, 64), (1, 8), (16, 128))
-    result = profiler.run(args.model, device=args.device, device_type=args.type, grid=grid, threads=args.threads)
+    result = profiler.run(args.model, device=args.device, device_type=args.type, grid=grid, threads=args.threads,
+                          samples=args.samples)
     out = Path(args.out) if args.out else Path(args.profiles) / f"{result.device_type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file() and not args.replace:
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="overwrite the output file (default: keep its tables of shapes not measured now)")
     pr.add_argument("--threads", type=int, default=None,
                     help="CPU threads (a CPU stage sharing a machine with others runs with fewer than all cores)")
+    pr.add_argument("--samples", type=int, default=None,
+                    help="samples per grid point (default 7), taken round-robin over a shape's points: more spread "
+                         "the profile over more time, for a machine whose speed drifts")
     pr.set_defaults(func=cmd_profile)
 
     d = sub.add_parser("demo-model", help="train (or reuse) the demo models under $LLMPQ_CACHE")

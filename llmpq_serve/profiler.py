@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +46,7 @@ from llmpq_serve.runtime.transfer import to_host
 from llmpq_serve.spec import ModelSpec
 
 BITS = (16, 8, 4, 3)
+SAMPLES = 7  # per grid point, unless told
 
 
 @dataclass(frozen=True)
@@ -76,27 +77,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, samples: int = 7,
+def measure(fn: Callable[[], object], device: torch.device, samples: int = SAMPLES,
             sample_s: float = 0.01) -> tuple[float, float, float]:
-    """(median, p10, p90) seconds per call. A sample runs the call back to back enough times to last `sample_s`, so
-    that timer and synchronisation overheads do not swamp microsecond-scale decode steps."""
-    fn()
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    once = max(time.perf_counter() - start, 1e-7)
-    inner = max(1, min(1000, int(sample_s / once)))
-    if once > 0.1:  # slow points (3-bit prefill on a CPU core): fewer samples, their spread is small anyway
-        samples = min(samples, 3)
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
+    """(median, p10, p90) seconds per call of `fn`; see `measure_round_robin`."""
+    return measure_round_robin([fn], device, samples, sample_s)[0]
+
+
+def measure_round_robin(calls: list[Callable[[], object]], device: torch.device, samples: int = SAMPLES,
+                        sample_s: float = 0.01, bar: tqdm | None = None) -> list[tuple[float, float, float]]:
+    """(median, p10, p90) seconds per call of each of `calls`. A sample runs one call back to back enough times to
+    last `sample_s`, so that timer and synchronisation overheads do not swamp microsecond-scale decode steps.
+
+    The samples are taken round-robin (each round, one sample of every call) rather than all of one call's at once:
+    a shared machine's speed drifts over seconds, and with back-to-back samples a slow spell fell on all samples of
+    a run of neighbouring points. Two CPU profiles of the demo shapes taken one after the other then disagreed by
+    more than 25% on a fifth of their points, in runs of neighbours, which bent the table's shape; round-robin, a
+    spell costs each point one sample, and the medians come from moments spread over the whole profile.
+    `bar` advances by one per sample."""
+    rounds, inners = [], []
+    for fn in calls:
+        fn()  # warm-up
         _sync(device)
-        times.append((time.perf_counter() - start) / inner)
-    times.sort()
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        once = max(time.perf_counter() - start, 1e-7)
+        inners.append(max(1, min(1000, int(sample_s / once))))
+        # slow points (3-bit prefill on a CPU core): fewer samples, their spread is small anyway
+        rounds.append(min(samples, 3) if once > 0.1 else samples)
+        if bar is not None:
+            bar.update(samples - rounds[-1])
+    times: list[list[float]] = [[] for _ in calls]
+    for r in range(samples):
+        for fn, inner, n, out in zip(calls, inners, rounds, times):
+            if r >= n:
+                continue
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync(device)
+            out.append((time.perf_counter() - start) / inner)
+            if bar is not None:
+                bar.update()
+    return [_spread(t) for t in times]
+
+
+def _spread(times: list[float]) -> tuple[float, float, float]:
+    times = sorted(times)
     q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
     return statistics.median(times), q[0], q[-1]
 
@@ -160,42 +187,57 @@ def last_level_cache_bytes(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def profile_layer(shape: LayerShape, bits: int, grid: Grid, device: torch.device, dtype: torch.dtype,
-                  bar: tqdm) -> Iterator[ProfilePoint]:
-    """Calls cycle through enough copies of the layer that their weights overflow the last-level cache, as a
-    stage's consecutive layers do: one layer timed alone would find its weights in cache and look faster than it
-    runs in a stage (small layers on a CPU by about 2x)."""
-    arch, config, layer = build_layer(shape, bits, device, dtype)
-    layer_bytes = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
-    copies = max(1, min(16, math.ceil(2 * last_level_cache_bytes(device) / max(layer_bytes, 1))))
-    layers = [layer] + [build_layer(shape, bits, device, dtype)[2] for _ in range(copies - 1)]
+def profile_shape(shape: LayerShape, bits: tuple[int, ...], grid: Grid, device: torch.device, dtype: torch.dtype,
+                  samples: int, bar: tqdm) -> list[ProfilePoint]:
+    """Every grid point of one layer shape at each of `bits`, sampled round-robin (`measure_round_robin`), so the
+    layers of every bit-width are held at once, and the points share one KV cache of the grid's largest micro-batch
+    and length (a point's rows use its first slots and positions, as a stage's rows use part of its cache).
+
+    Calls cycle through enough copies of the layer that their weights overflow the last-level cache, as a stage's
+    consecutive layers do: one layer timed alone would find its weights in cache and look faster than it runs in a
+    stage (small layers on a CPU by about 2x)."""
+    arch, config = hf_config(shape)
     forward = layer_forward(arch, config)
     rope_module = rotary(arch, config, device)
     head_dim = shape.hidden // shape.heads
-    for phase, batches, lens in (("prefill", grid.prefill_batches, grid.prompt_lens),
-                                 ("decode", grid.decode_batches, grid.context_lens)):
-        for mb in batches:
-            for n in lens:
-                cache = KVCache(copies, mb, n + 1, shape.kv_heads, head_dim, dtype, device)
+    stacks = {b: layer_copies(shape, b, device, dtype) for b in bits}
+    copies = max(len(layers) for layers in stacks.values())
+    cache = KVCache(copies, max(grid.prefill_batches + grid.decode_batches),
+                    max(grid.prompt_lens + grid.context_lens) + 1, shape.kv_heads, head_dim, dtype, device)
+    keys, calls = [], []
+    for b, layers in stacks.items():
+        for phase, batches, lens in (("prefill", grid.prefill_batches, grid.prompt_lens),
+                                     ("decode", grid.decode_batches, grid.context_lens)):
+            for mb, n in itertools.product(batches, lens):
                 if phase == "prefill":
                     rows = Rows(list(range(mb)), [0] * mb, [n] * mb).to(device)
                 else:
                     rows = Rows(list(range(mb)), [n] * mb, [1] * mb).to(device)
                 x = torch.randn(rows.tokens, shape.hidden, device=device, dtype=dtype)
                 rope = rope_of(rope_module, x, rows)
-                turn = itertools.cycle(range(copies))
+                turn = itertools.cycle(range(len(layers)))
 
-                def call(x=x, rope=rope, cache=cache, rows=rows, turn=turn):
+                def call(x=x, rope=rope, rows=rows, turn=turn, layers=layers, cache=cache):
                     i = next(turn)
                     return forward(layers[i], x, rope, cache, i, rows)
 
-                with attention_kernels(device):
-                    median, p10, p90 = measure(call, device)
-                yield ProfilePoint(bits=bits, phase=phase, micro_batch=mb, seq=n, median_s=median, p10_s=p10,
-                                   p90_s=p90)
-                bar.update()
+                keys.append((b, phase, mb, n))
+                calls.append(call)
+    with attention_kernels(device):
+        measured = measure_round_robin(calls, device, samples, bar=bar)
+    del stacks, cache, calls  # the next shape's layers may need the memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return [ProfilePoint(bits=b, phase=phase, micro_batch=mb, seq=n, median_s=median, p10_s=p10, p90_s=p90)
+            for (b, phase, mb, n), (median, p10, p90) in zip(keys, measured)]
+
+
+def layer_copies(shape: LayerShape, bits: int, device: torch.device, dtype: torch.dtype) -> list[nn.Module]:
+    """Enough copies of the layer that their weights overflow the last-level cache twice (at most 16)."""
+    layer = build_layer(shape, bits, device, dtype)[2]
+    layer_bytes = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+    copies = max(1, min(16, math.ceil(2 * last_level_cache_bytes(device) / max(layer_bytes, 1))))
+    return [layer] + [build_layer(shape, bits, device, dtype)[2] for _ in range(copies - 1)]
 
 
 @torch.inference_mode()
@@ -303,7 +345,8 @@ def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: i
     whose one stage, a process of its own, answers at once (`answer_with`), for one decode micro-batch of each
     size: `steps` greedy tokens of a full group, each row repeating one ordinary token of the stand-in tokenizer.
     The logits come in `dtype`, the stages' runtime dtype, as the sampler gets them. On the 2-core CPU machine:
-    0.42 ms for 4 rows (profiles/CPU.json), against 0.15 ms for the router's work alone."""
+    0.60 ms for 4 rows (profiles/CPU.json; 0.42-0.60 ms over nine profiles of one afternoon), against 0.15 ms for
+    the router's work alone."""
     from llmpq_serve.runtime.engine import PipelineEngine
     from llmpq_serve.runtime.ring import RingChain
     from llmpq_serve.runtime.sampling import SamplingParams
@@ -353,21 +396,22 @@ def profile_step_overhead(batches: tuple[int, ...], vocab: int = 32000, steps: i
 
 
 def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
-        bits: tuple[int, ...] = BITS, threads: int | None = None) -> Profile:
+        bits: tuple[int, ...] = BITS, threads: int | None = None, samples: int | None = None) -> Profile:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if threads:
         torch.set_num_threads(threads)
     detected, name = detect_device_type(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     grid = grid or (GPU_GRID if dev.type == "cuda" else CPU_GRID)
+    samples = samples or SAMPLES
     specs = [ModelSpec.resolve(m) for m in models]
     shapes = list(dict.fromkeys(LayerShape.of(s) for s in specs))
     per_layer = len(grid.prefill_batches) * len(grid.prompt_lens) + len(grid.decode_batches) * len(grid.context_lens)
     tables, heads = [], []
-    with tqdm(total=len(shapes) * len(bits) * per_layer, desc=f"profiling on {name}", unit="point") as bar:
+    with tqdm(total=len(shapes) * len(bits) * per_layer * samples, desc=f"profiling on {name}",
+              unit="sample") as bar:
         for shape in shapes:
-            points = [p for b in bits for p in profile_layer(shape, b, grid, dev, dtype, bar)]
-            tables.append(ShapeTable(shape=shape, points=points))
+            tables.append(ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar)))
     for spec in specs:
         if not any(h.hidden == spec.hidden and h.vocab == spec.vocab for h in heads):
             heads += profile_head(spec.hidden, spec.vocab, grid.decode_batches, dev, dtype)
@@ -376,8 +420,9 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
                    method=(f"llmpq profile: one decoder layer with random weights of each shape, runtime forward "
                            f"(QuantLinear kernels, slot KV cache, SDPA) in {str(dtype).removeprefix('torch.')}; "
                            f"calls cycle through copies of the layer overflowing the last-level cache; "
-                           f"per point the median of 7 samples (3 where one call takes > 0.1 s), each sample >= "
-                           f"10 ms of back-to-back calls after a warm-up; {torch.get_num_threads()} CPU threads; "
+                           f"per point the median of {samples} samples (3 where one call takes > 0.1 s), taken "
+                           f"round-robin over the shape's points, each sample >= 10 ms of back-to-back calls after a "
+                           f"warm-up; {torch.get_num_threads()} CPU threads; "
                            f"models: {', '.join(models)}"),
                    tables=tables, heads=heads, transfer=profile_transfer(dev, dtype),
                    step_overhead=profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs),

@@ -14,8 +14,8 @@ GRID = profiler.Grid((1, 2), (8, 16), (1, 4), (8, 32))
 
 def test_profile_covers_the_grid_and_round_trips(tmp_path, monkeypatch):
     monkeypatch.setattr(profiler.ModelSpec, "resolve", staticmethod(lambda name: TINY))
-    prof = profiler.run(["tiny"], device="cpu", grid=GRID, bits=(16, 4), threads=1)
-    assert prof.device_type == "CPU" and "median" in prof.method
+    prof = profiler.run(["tiny"], device="cpu", grid=GRID, bits=(16, 4), threads=1, samples=3)
+    assert prof.device_type == "CPU" and "median of 3 samples" in prof.method
     (table,) = prof.tables
     assert table.shape == LayerShape.of(TINY)
     assert len(table.points) == 2 * (2 * 2 + 2 * 2)
@@ -50,3 +50,32 @@ def test_device_type_uses_ray_names():
     import torch
 
     assert profiler.detect_device_type(torch.device("cpu"))[0] == "CPU"
+
+
+def test_samples_are_taken_round_robin_and_slow_points_take_fewer():
+    """A slow spell of the machine must cost each point one sample, not every sample of a few neighbours."""
+    import time
+
+    import torch
+
+    order = []
+
+    def call(k, seconds=0.0):
+        def fn():
+            order.append(k)
+            time.sleep(seconds)
+        return fn
+
+    class Bar:
+        n = 0
+
+        def update(self, k=1):
+            self.n += k
+
+    bar = Bar()
+    calls = [call(0), call(1), call(2, seconds=0.11)]
+    stats = profiler.measure_round_robin(calls, torch.device("cpu"), samples=5, sample_s=0.0, bar=bar)
+    sampled = order[2 * len(calls):]  # after each call's warm-up and timing call
+    assert sampled == [0, 1, 2] * 3 + [0, 1] * 2
+    assert stats[2][0] >= 0.11 and all(p10 <= median <= p90 for median, p10, p90 in stats)
+    assert bar.n == len(calls) * 5
