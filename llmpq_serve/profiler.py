@@ -225,9 +225,6 @@ def profile_shape(shape: LayerShape, bits: tuple[int, ...], grid: Grid, device: 
                 calls.append(call)
     with attention_kernels(device):
         measured = measure_round_robin(calls, device, samples, bar=bar)
-    del stacks, cache, calls  # the next shape's layers may need the memory
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return [ProfilePoint(bits=b, phase=phase, micro_batch=mb, seq=n, median_s=median, p10_s=p10, p90_s=p90)
             for (b, phase, mb, n), (median, p10, p90) in zip(keys, measured)]
 
@@ -412,6 +409,8 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
               unit="sample") as bar:
         for shape in shapes:
             tables.append(ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar)))
+            if dev.type == "cuda":  # the shape's layers and cache go back before the next shape's come
+                torch.cuda.empty_cache()
     for spec in specs:
         if not any(h.hidden == spec.hidden and h.vocab == spec.vocab for h in heads):
             heads += profile_head(spec.hidden, spec.vocab, grid.decode_batches, dev, dtype)
