@@ -160,15 +160,13 @@ class QuantLinear(nn.Module):
                                                           scales_and_zeros.to(CPU_KERNEL_DTYPE))
 
     def _3bit_mm(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # the caching allocator keeps the temporaries, and one launch per op beats many
-            return x @ self._dequantize_3bit().to(x.dtype).T
-        rows = max(1, CPU_BLOCK_BYTES // (4 * self.in_features))
+        # on a GPU in one block: the caching allocator keeps the temporaries, and one launch per op beats many
+        rows = self.out_features if x.is_cuda else max(1, CPU_BLOCK_BYTES // (4 * self.in_features))
         return torch.cat([x @ self._dequantize_3bit(r, min(r + rows, self.out_features)).to(x.dtype).T
                           for r in range(0, self.out_features, rows)], dim=-1)
 
-    def _dequantize_3bit(self, first: int = 0, end: int | None = None) -> torch.Tensor:
+    def _dequantize_3bit(self, first: int, end: int) -> torch.Tensor:
         """Output rows [first, end) of the weight (each row's values lie in its own bytes of the planes)."""
-        end = self.out_features if end is None else end
         q = from_bit_planes(self.qweight[:, first:end]).float()
         w = q.reshape(end - first, -1, self.group_size) * self.scale[first:end, :, None] - self.zero[first:end, :, None]
         return w.reshape(end - first, self.in_features)
