@@ -47,7 +47,8 @@ from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.planner import Problem
 from llmpq_serve.planner.problem import early_decode_steps
 from llmpq_serve.profile_table import LayerShape
-from llmpq_serve.profiler import detect_device_type, hf_config
+from llmpq_serve.profiler import detect_device_type
+from llmpq_serve.profiler.layers import hf_config
 from llmpq_serve.runtime.local import local_engine
 from llmpq_serve.runtime.ring import free_port
 from llmpq_serve.runtime.sampling import SamplingParams

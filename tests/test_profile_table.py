@@ -106,7 +106,7 @@ def test_router_step_overhead_is_interpolated_and_charged_to_the_last_stage(tmp_
 def test_profiler_measures_the_routers_step_over_a_real_ring_and_leaves_no_stage_behind():
     import psutil
 
-    from llmpq_serve.profiler import profile_step_overhead
+    from llmpq_serve.profiler.ring_costs import profile_step_overhead
 
     def children() -> set[int]:  # alive ones; earlier tests may have left helpers such as multiprocessing's tracker
         return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}

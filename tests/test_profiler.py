@@ -5,6 +5,7 @@ import threading
 from llmpq_serve import profiler
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.profile_table import HeadPoint, LayerShape, Profile
+from llmpq_serve.profiler.timing import measure_round_robin
 from llmpq_serve.spec import GPUSpec, ModelSpec
 
 TINY = ModelSpec(name="tiny", arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=300,
@@ -74,7 +75,7 @@ def test_samples_are_taken_round_robin_and_slow_points_take_fewer():
 
     bar = Bar()
     calls = [call(0), call(1), call(2, seconds=0.11)]
-    stats = profiler.measure_round_robin(calls, torch.device("cpu"), samples=5, sample_s=0.0, bar=bar)
+    stats = measure_round_robin(calls, torch.device("cpu"), samples=5, sample_s=0.0, bar=bar)
     sampled = order[2 * len(calls):]  # after each call's warm-up and timing call
     assert sampled == [0, 1, 2] * 3 + [0, 1] * 2
     assert stats[2][0] >= 0.11 and all(p10 <= median <= p90 for median, p10, p90 in stats)

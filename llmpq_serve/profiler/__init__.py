@@ -1,0 +1,114 @@
+"""`llmpq profile`: measures one decoder layer of given model shapes on the local device, at every bit-width the
+runtime supports, for prefill and decode over a grid of micro-batch sizes and lengths (`layers`), plus the LM head,
+the stage-to-stage transfer and the scheduler's own work per micro-batch step (`ring_costs`); writes
+`profiles/<TYPE>.json`.
+
+Weights are random (latency does not depend on their values) but of the real dimensions and in the runtime's own
+form: the same HF layer modules, QuantLinear kernels, KV cache and forward that a stage runs."""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+from tqdm import tqdm
+
+from llmpq_serve import catalog
+from llmpq_serve.costmodel import matrix_bytes
+from llmpq_serve.profile_table import LayerShape, Profile, ShapeTable
+from llmpq_serve.profiler.layers import BITS, CPU_GRID, GPU_GRID, Grid, profile_head, profile_shape
+from llmpq_serve.profiler.ring_costs import profile_step_overhead, profile_transfer
+from llmpq_serve.profiler.timing import SAMPLES
+from llmpq_serve.spec import ModelSpec
+
+
+def detect_device_type(device: torch.device) -> tuple[str, str]:
+    """(Ray accelerator_type name, device name) of the local device: the catalog's Ray type whose name appears in
+    the CUDA device name (e.g. "NVIDIA H100 80GB HBM3" -> H100), else the name's last word."""
+    if device.type != "cuda":
+        return "CPU", f"CPU ({torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name(device)
+    words = name.replace("-", " ").split()
+    types = sorted({g["ray_type"] for g in catalog.gpu_table().values() if g.get("ray_type")}, key=len, reverse=True)
+    return next((t for t in types if t in words), words[-1]), name
+
+
+def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
+        bits: tuple[int, ...] = BITS, threads: int | None = None, samples: int | None = None) -> Profile:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads:
+        torch.set_num_threads(threads)
+    detected, name = detect_device_type(dev)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    grid = grid or (GPU_GRID if dev.type == "cuda" else CPU_GRID)
+    samples = samples or SAMPLES
+    specs = [ModelSpec.resolve(m) for m in models]
+    shapes = list(dict.fromkeys(LayerShape.of(s) for s in specs))
+    per_layer = len(grid.prefill_batches) * len(grid.prompt_lens) + len(grid.decode_batches) * len(grid.context_lens)
+    tables, heads = [], []
+    with tqdm(total=len(shapes) * len(bits) * per_layer * samples, desc=f"profiling on {name}",
+              unit="sample") as bar:
+        for shape in shapes:
+            tables.append(ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar)))
+            if dev.type == "cuda":  # the shape's layers and cache go back before the next shape's come
+                torch.cuda.empty_cache()
+    for spec in specs:
+        if not any(h.hidden == spec.hidden and h.vocab == spec.vocab for h in heads):
+            heads += profile_head(spec.hidden, spec.vocab, grid.decode_batches, dev, dtype)
+    return Profile(device_type=device_type or detected, device_name=name, torch=torch.__version__,
+                   measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   method=(f"llmpq profile: one decoder layer with random weights of each shape, runtime forward "
+                           f"(QuantLinear kernels, slot KV cache, SDPA) in {str(dtype).removeprefix('torch.')}; "
+                           f"calls cycle through copies of the layer overflowing the last-level cache; "
+                           f"per point the median of {samples} samples (3 where one call takes > 0.1 s), taken "
+                           f"round-robin over the shape's points, each sample >= 10 ms of back-to-back calls after a "
+                           f"warm-up; {torch.get_num_threads()} CPU threads; "
+                           f"models: {', '.join(models)}"),
+                   tables=tables, heads=heads, transfer=profile_transfer(dev, dtype),
+                   step_overhead=profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs),
+                                                       dtype=dtype))
+
+
+def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> list[dict]:
+    """Per shape and decode micro-batch, at the shortest profiled context: each format's layer time against 16-bit,
+    beside the memory-bandwidth bound (the ratio of weight bytes, what a purely weight-bound step would gain)."""
+    rows = []
+    for table in profile.tables:
+        s = table.shape
+        shapes = [(3 * s.hidden if s.kv_heads == s.heads else s.hidden + 2 * s.kv_heads * (s.hidden // s.heads),
+                   s.hidden), (s.hidden, s.hidden)]
+        shapes += ([(2 * s.ffn, s.hidden), (s.hidden, s.ffn)] if s.arch == "gated" else
+                   [(s.ffn, s.hidden), (s.hidden, s.ffn)])
+        decode = [p for p in table.points if p.phase == "decode"]
+        if not decode or not table.has(16, "decode"):
+            continue
+        ctx = min(p.seq for p in decode)
+        for mb in sorted({p.micro_batch for p in decode} & set(batches)):
+            base = table.interpolate(16, "decode", mb, ctx)
+            row = {"shape": f"{s.arch} h{s.hidden} ffn{s.ffn}", "micro_batch": mb, "context": ctx,
+                   "fp16_ms": round(base * 1e3, 4)}
+            for bits in (8, 4, 3):
+                if table.has(bits, "decode"):
+                    bound = (sum(matrix_bytes(o, i, 16, 128) for o, i in shapes)
+                             / sum(matrix_bytes(o, i, bits, 128) for o, i in shapes))
+                    row[f"int{bits}_speedup"] = round(base / table.interpolate(bits, "decode", mb, ctx), 3)
+                    row[f"int{bits}_bound"] = round(bound, 3)
+            rows.append(row)
+    return rows
+
+
+def summary(profile: Profile) -> str:
+    lines = [f"{profile.device_name} ({profile.device_type}), torch {profile.torch}",
+             "decode step of one layer, speed-up over 16-bit (memory-bandwidth bound in brackets):"]
+    for r in decode_speedups(profile):
+        parts = [f"int{b} {r[f'int{b}_speedup']:.2f}x ({r[f'int{b}_bound']:.2f}x)" for b in (8, 4, 3)
+                 if f"int{b}_speedup" in r]
+        lines.append(f"  {r['shape']:<24} mb {r['micro_batch']:>3} ctx {r['context']}: fp16 {r['fp16_ms']:.3f} ms, "
+                     + ", ".join(parts))
+    if profile.transfer:
+        t = profile.transfer
+        lines.append(f"stage hand-off: {t.latency_s * 1e6:.0f} us + {t.bytes_per_s / 1e9:.2f} GB/s")
+    if profile.step_overhead:
+        lines.append("router work and ring round trip per micro-batch step: " + ", ".join(
+            f"mb {p.micro_batch} {p.median_s * 1e3:.2f} ms" for p in profile.step_overhead))
+    return "\n".join(lines)
