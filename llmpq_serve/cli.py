@@ -95,13 +95,26 @@ def cmd_profile(args: argparse.Namespace) -> int:
     grid = None
     if args.quick:
         grid = profiler.Grid((1, 4), (16, 64), (1, 8), (16, 128))
-    result = profiler.run(args.model, device=args.device, device_type=args.type, grid=grid, threads=args.threads,
-                          samples=args.samples)
-    out = Path(args.out) if args.out else Path(args.profiles) / f"{result.device_type}.json"
+    # the type's file is known before the run (the detected type unless given), so each finished shape goes into it
+    device_type = args.type or profiler.detect_device_type(profiler.local_device(args.device))[0]
+    out = Path(args.out) if args.out else Path(args.profiles) / f"{device_type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_file() and not args.replace:
-        result = result.keeping(Profile.load(out))
-    result.save(out)
+    older = Profile.load(out) if out.is_file() and not args.replace else None
+    finished: list[int] = []
+
+    def save(profile: Profile) -> None:
+        (profile.keeping(older) if older else profile).save(out)
+        finished.append(len(profile.tables))
+
+    try:
+        result = profiler.run(args.model, device=args.device, device_type=device_type, grid=grid,
+                              threads=args.threads, samples=args.samples, on_progress=save)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {out} holds the {finished[-1]} shape table(s) this run finished, without its head, "
+              f"hop and step measurements, which come last" if finished else
+              f"\ninterrupted before a shape finished: {out} is as it was" if out.is_file() else
+              "\ninterrupted before a shape finished: nothing was written")
+        return 130
     print(f"wrote {out}: {sum(len(t.points) for t in result.tables)} points on {result.device_name}")
     print(profiler.summary(result))
     return 0

@@ -144,8 +144,9 @@ class Profile(BaseModel):
 
     def keeping(self, older: Profile) -> Profile:
         """This profile plus what `older` (an earlier profile of the same device type) measured and this one did not:
-        the tables of other layer shapes and the heads of other (hidden, vocab), so models can be profiled one at a
-        time into one file. Everything measured now wins."""
+        the tables of other layer shapes, the heads of other (hidden, vocab), and the hop and the step where this one
+        has none yet (a run's partial saves), so models can be profiled one at a time into one file. Everything
+        measured now wins."""
         if older.device_type != self.device_type:
             raise ValueError(f"cannot merge a {older.device_type} profile into a {self.device_type} one")
         shapes = {t.shape for t in self.tables}
@@ -156,11 +157,17 @@ class Profile(BaseModel):
         return self.model_copy(update={
             "method": method,
             "tables": self.tables + [t for t in older.tables if t.shape not in shapes],
-            "heads": self.heads + [h for h in older.heads if (h.hidden, h.vocab) not in heads]})
+            "heads": self.heads + [h for h in older.heads if (h.hidden, h.vocab) not in heads],
+            "transfer": self.transfer or older.transfer,
+            "step_overhead": self.step_overhead or older.step_overhead})
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         return cls.model_validate(json.loads(Path(path).read_text()))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=1))
+        """Written whole or not at all: a profile cut short mid-write leaves the file as it was."""
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(self.model_dump_json(indent=1))
+        partial.replace(path)

@@ -3,7 +3,7 @@
 import pytest
 
 from llmpq_serve.costmodel import CostConfig, CostModel
-from llmpq_serve.profile_table import LayerShape, Profile, ProfilePoint, ShapeTable
+from llmpq_serve.profile_table import LayerShape, Profile, ProfilePoint, ShapeTable, StepPoint, TransferFit
 from llmpq_serve.spec import GPUSpec, ModelSpec
 
 GRID = {(1, 128): 1.0, (1, 512): 3.0, (4, 128): 2.0, (4, 512): 8.0}
@@ -86,7 +86,6 @@ def test_roofline_scaled_by_efficiency_fitted_on_measured_gpus(tmp_path):
 
 def test_router_step_overhead_is_interpolated_and_charged_to_the_last_stage(tmp_path):
     from llmpq_serve.planner import Problem
-    from llmpq_serve.profile_table import StepPoint
     from llmpq_serve.spec import ClusterSpec, Workload
 
     model = ModelSpec.from_catalog("opt-13b")
@@ -127,6 +126,13 @@ def test_a_new_profile_keeps_the_other_shapes_of_an_older_one():
     assert [t.shape for t in merged.tables] == [t.shape for t in old.tables]
     assert merged.tables[0].points[0].median_s == 0.5  # measured now wins
     assert "kept from" in merged.method
+    # a partial save (no hop, no step yet) keeps the older file's; a complete profile's own win
+    old.transfer = TransferFit(latency_s=1e-4, bytes_per_s=1e9, sizes=[1, 2], seconds=[1e-4, 1e-4])
+    old.step_overhead = [StepPoint(micro_batch=1, median_s=4e-4)]
+    assert merged.transfer is None and new.keeping(old).transfer == old.transfer
+    assert new.keeping(old).step_overhead == old.step_overhead
+    new.transfer = TransferFit(latency_s=2e-4, bytes_per_s=2e9, sizes=[1, 2], seconds=[2e-4, 2e-4])
+    assert new.keeping(old).transfer == new.transfer
     with pytest.raises(ValueError, match="cannot merge"):
         new.keeping(_profile(ModelSpec.from_catalog("opt-13b"), device_type="A100"))
 

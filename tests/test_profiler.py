@@ -80,3 +80,33 @@ def test_samples_are_taken_round_robin_and_slow_points_take_fewer():
     assert sampled == [0, 1, 2] * 3 + [0, 1] * 2
     assert stats[2][0] >= 0.11 and all(p10 <= median <= p90 for median, p10, p90 in stats)
     assert bar.n == len(calls) * 5
+
+
+def test_an_interrupted_profile_keeps_the_shapes_it_finished(tmp_path, monkeypatch, capsys):
+    """`llmpq profile` writes each shape's table into the type's file as it finishes: a run cut short (Ctrl-C on a
+    shape that takes minutes on a GPU) keeps what it measured, and the file's other shapes."""
+    from llmpq_serve import cli
+
+    other = TINY.model_copy(update={"name": "other", "hidden": 256, "ffn": 512})
+    kept = TINY.model_copy(update={"name": "kept", "hidden": 64, "ffn": 128})
+    models = {m.name: m for m in (TINY, other, kept)}
+    monkeypatch.setattr(profiler.ModelSpec, "resolve", staticmethod(lambda name: models[name]))
+    monkeypatch.setattr(profiler, "CPU_GRID", GRID)
+    cli.main(["profile", "--model", "kept", "--device", "cpu", "--threads", "1", "--samples", "3",
+              "--profiles", str(tmp_path)])
+    measured = profiler.profile_shape
+
+    def cut_short(shape, *args):
+        if shape == LayerShape.of(other):
+            raise KeyboardInterrupt
+        return measured(shape, *args)
+
+    monkeypatch.setattr(profiler, "profile_shape", cut_short)
+    rc = cli.main(["profile", "--model", "tiny", "other", "--device", "cpu", "--threads", "1", "--samples", "3",
+                   "--profiles", str(tmp_path)])
+    assert rc == 130 and "holds the 1 shape table(s) this run finished" in capsys.readouterr().out
+    saved = Profile.load(tmp_path / "CPU.json")
+    assert [t.shape for t in saved.tables] == [LayerShape.of(TINY), LayerShape.of(kept)]
+    assert "partial: 1 of 2 shapes" in saved.method
+    assert saved.transfer is not None and saved.heads  # the earlier run's, kept
+    assert not list(tmp_path.glob("*.partial"))

@@ -9,6 +9,7 @@ form: the same HF layer modules, QuantLinear kernels, KV cache and forward that 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -33,9 +34,18 @@ def detect_device_type(device: torch.device) -> tuple[str, str]:
     return next((t for t in types if t in words), words[-1]), name
 
 
+def local_device(device: str | None = None) -> torch.device:
+    """`device`, else this machine's GPU if it has one, else its CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
-        bits: tuple[int, ...] = BITS, threads: int | None = None, samples: int | None = None) -> Profile:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        bits: tuple[int, ...] = BITS, threads: int | None = None, samples: int | None = None,
+        on_progress: Callable[[Profile], None] | None = None) -> Profile:
+    """The profile of `models`' layer shapes on `device`. `on_progress` gets the profile measured so far after each
+    shape's table (without the heads, hop and step, which come last) and the whole one at the end: a large GPU shape
+    takes minutes, and a run cut short then keeps the shapes it finished."""
+    dev = local_device(device)
     if threads:
         torch.set_num_threads(threads)
     detected, name = detect_device_type(dev)
@@ -45,28 +55,35 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
     specs = [ModelSpec.resolve(m) for m in models]
     shapes = list(dict.fromkeys(LayerShape.of(s) for s in specs))
     per_layer = len(grid.prefill_batches) * len(grid.prompt_lens) + len(grid.decode_batches) * len(grid.context_lens)
-    tables, heads = [], []
+    method = (f"llmpq profile: one decoder layer with random weights of each shape, runtime forward "
+              f"(QuantLinear kernels, slot KV cache, SDPA) in {str(dtype).removeprefix('torch.')}; "
+              f"calls cycle through copies of the layer overflowing the last-level cache; "
+              f"per point the median of {samples} samples (3 where one call takes > 0.1 s), taken "
+              f"round-robin over the shape's points, each sample >= 10 ms of back-to-back calls after a "
+              f"warm-up; {torch.get_num_threads()} CPU threads; models: {', '.join(models)}")
+    profile = Profile(device_type=device_type or detected, device_name=name, torch=torch.__version__,
+                      measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      method=method, tables=[])
     with tqdm(total=len(shapes) * len(bits) * per_layer * samples, desc=f"profiling on {name}",
               unit="sample") as bar:
-        for shape in shapes:
-            tables.append(ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar)))
+        for k, shape in enumerate(shapes, 1):
+            table = ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar))
+            profile = profile.model_copy(update={"tables": [*profile.tables, table]})
             if dev.type == "cuda":  # the shape's layers and cache go back before the next shape's come
                 torch.cuda.empty_cache()
+            if on_progress is not None:
+                on_progress(profile.model_copy(update={
+                    "method": f"{method}; partial: {k} of {len(shapes)} shapes, no head, hop or step yet"}))
+    heads = []
     for spec in specs:
         if not any(h.hidden == spec.hidden and h.vocab == spec.vocab for h in heads):
             heads += profile_head(spec.hidden, spec.vocab, grid.decode_batches, dev, dtype)
-    return Profile(device_type=device_type or detected, device_name=name, torch=torch.__version__,
-                   measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   method=(f"llmpq profile: one decoder layer with random weights of each shape, runtime forward "
-                           f"(QuantLinear kernels, slot KV cache, SDPA) in {str(dtype).removeprefix('torch.')}; "
-                           f"calls cycle through copies of the layer overflowing the last-level cache; "
-                           f"per point the median of {samples} samples (3 where one call takes > 0.1 s), taken "
-                           f"round-robin over the shape's points, each sample >= 10 ms of back-to-back calls after a "
-                           f"warm-up; {torch.get_num_threads()} CPU threads; "
-                           f"models: {', '.join(models)}"),
-                   tables=tables, heads=heads, transfer=profile_transfer(dev, dtype),
-                   step_overhead=profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs),
-                                                       dtype=dtype))
+    profile = profile.model_copy(update={
+        "heads": heads, "transfer": profile_transfer(dev, dtype),
+        "step_overhead": profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs), dtype=dtype)})
+    if on_progress is not None:
+        on_progress(profile)
+    return profile
 
 
 def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> list[dict]:
