@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_session.sh run     # there, as the device tool's command, carrying .whl; results in $OUT
 #
 # `run` profiles the real-size layer stack's shape (Llama-3-8B) into profiles/<TYPE>.json, runs the stack fidelity
-# benchmark against it, then profiles the paper's shapes and Llama-3-70B while time is left (each model is merged
-# into the file as it finishes, so a cut-off run keeps what it measured). Copy $OUT's files into the repository.
+# benchmark against it and the idle-wait benchmark on that shape, then profiles the paper's shapes and Llama-3-70B
+# while time is left (each shape is written into the file as it finishes, so a cut-off run keeps what it measured).
+# Copy $OUT's files into the repository.
 # Overrides for a smoke test on a CPU: DEVICE=cpu STACK=<checkpoint> MODELS="<checkpoint> ..." OUT=<dir>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,9 @@ print("stack fidelity: median", d["median_abs_rel_error"], "max", d["max_abs_rel
     else
         echo "stack fidelity failed: see the output above"
     fi
+    # does a GPU stage's call after an idle wait take longer than back to back, as a CPU stage's does? (~10 s)
+    python3 benchmarks/idle_gap.py --model "$stack" --layers 8 --rows 16 --context 256 --device "$device" --json \
+        | tee "$OUT/idle_gap.json" || echo "idle gap failed: see the output above"
     for model in $models; do
         # the large shapes took ~1 min each on an H100; none starts that could not finish in time
         if (( SECONDS + 75 > deadline )); then echo "out of time before $model"; break; fi

@@ -13,7 +13,8 @@ from tqdm import tqdm
 SAMPLES = 7  # per grid point, unless told
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a CUDA call returns before its kernels have run."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -38,10 +39,10 @@ def measure_round_robin(calls: list[Callable[[], object]], device: torch.device,
     rounds, inners = [], []
     for fn in calls:
         fn()  # warm-up
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         once = max(time.perf_counter() - start, 1e-7)
         inners.append(max(1, min(1000, int(sample_s / once))))
         # slow points (3-bit prefill on a CPU core): fewer samples, their spread is small anyway
@@ -56,7 +57,7 @@ def measure_round_robin(calls: list[Callable[[], object]], device: torch.device,
             start = time.perf_counter()
             for _ in range(inner):
                 fn()
-            _sync(device)
+            synchronize(device)
             out.append((time.perf_counter() - start) / inner)
             if bar is not None:
                 bar.update()
