@@ -26,29 +26,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llmpq_serve.profile_table import LayerShape
 from llmpq_serve.profiler import detect_device_type, local_device
-from llmpq_serve.profiler.layers import build_layer
+from llmpq_serve.profiler.layers import build_layer, point_inputs, profile_dtype
 from llmpq_serve.profiler.timing import synchronize
 from llmpq_serve.runtime.kvcache import KVCache
-from llmpq_serve.runtime.layers import Rows, layer_forward, rope_of, rotary
+from llmpq_serve.runtime.layers import attention_kernels, layer_forward, rotary
 from llmpq_serve.spec import ModelSpec
 
 
 def stage_call(model: str, layers: int, bits: int, rows: int, context: int, device: torch.device):
     """One decode call of a stage of `layers` distinct layers, as a function of no arguments."""
     shape = LayerShape.of(ModelSpec.resolve(model))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = profile_dtype(device)
     built = [build_layer(shape, bits, device, dtype) for _ in range(layers)]
     arch, config = built[0][0], built[0][1]
     forward = layer_forward(arch, config)
     cache = KVCache(layers, rows, context + 2, shape.kv_heads, shape.hidden // shape.heads, dtype, device)
-    batch = Rows(list(range(rows)), [context] * rows, [1] * rows).to(device)
-    x = torch.randn(rows, shape.hidden, device=device, dtype=dtype)
-    rope = rope_of(rotary(arch, config, device), x, batch)
+    batch, x, rope = point_inputs(rotary(arch, config, device), shape.hidden, "decode", rows, context, device, dtype)
 
     @torch.inference_mode()
     def call() -> None:
-        for i, (_, _, layer) in enumerate(built):
-            forward(layer, x, rope, cache, i, batch)
+        with attention_kernels(device):  # the stage's own kernels, as its runner enters them around its layers
+            for i, (_, _, layer) in enumerate(built):
+                forward(layer, x, rope, cache, i, batch)
         synchronize(device)
 
     return call

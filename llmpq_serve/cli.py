@@ -110,10 +110,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         result = profiler.run(args.model, device=args.device, device_type=device_type, grid=grid,
                               threads=args.threads, samples=args.samples, on_progress=save)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {out} holds the {finished[-1]} shape table(s) this run finished, without its head, "
-              f"hop and step measurements, which come last" if finished else
-              f"\ninterrupted before a shape finished: {out} is as it was" if out.is_file() else
-              "\ninterrupted before a shape finished: nothing was written")
+        if finished:
+            print(f"\ninterrupted: {out} holds the {finished[-1]} shape table(s) this run finished, without its "
+                  f"head, hop and step measurements, which come last")
+        else:
+            print(f"\ninterrupted before a shape finished: {out} " + ("is as it was" if older else "was not written"))
         return 130
     print(f"wrote {out}: {sum(len(t.points) for t in result.tables)} points on {result.device_name}")
     print(profiler.summary(result))

@@ -17,7 +17,15 @@ from tqdm import tqdm
 from llmpq_serve import catalog
 from llmpq_serve.costmodel import matrix_bytes
 from llmpq_serve.profile_table import LayerShape, Profile, ShapeTable
-from llmpq_serve.profiler.layers import BITS, CPU_GRID, GPU_GRID, Grid, profile_head, profile_shape
+from llmpq_serve.profiler.layers import (
+    BITS,
+    CPU_GRID,
+    GPU_GRID,
+    Grid,
+    profile_dtype,
+    profile_head,
+    profile_shape,
+)
 from llmpq_serve.profiler.ring_costs import profile_step_overhead, profile_transfer
 from llmpq_serve.profiler.timing import SAMPLES
 from llmpq_serve.spec import ModelSpec
@@ -49,7 +57,7 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
     if threads:
         torch.set_num_threads(threads)
     detected, name = detect_device_type(dev)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = profile_dtype(dev)
     grid = grid or (GPU_GRID if dev.type == "cuda" else CPU_GRID)
     samples = samples or SAMPLES
     specs = [ModelSpec.resolve(m) for m in models]

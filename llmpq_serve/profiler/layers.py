@@ -95,6 +95,24 @@ def last_level_cache_bytes(device: torch.device) -> int:
     return max(sizes, default=32 * 1024**2)
 
 
+def profile_dtype(device: torch.device) -> torch.dtype:
+    """The dtype layers are profiled in: bf16 on a GPU, fp32 on a CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def point_inputs(rope_module: nn.Module | None, hidden: int, phase: str, micro_batch: int, seq: int,
+                 device: torch.device, dtype: torch.dtype
+                 ) -> tuple[Rows, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """A grid point's micro-batch as a stage gets it: its rows (prefill: `seq` new tokens each from position 0;
+    decode: one new token each after `seq` cached ones), random activations and their rotary tables."""
+    if phase == "prefill":
+        rows = Rows(list(range(micro_batch)), [0] * micro_batch, [seq] * micro_batch).to(device)
+    else:
+        rows = Rows(list(range(micro_batch)), [seq] * micro_batch, [1] * micro_batch).to(device)
+    x = torch.randn(rows.tokens, hidden, device=device, dtype=dtype)
+    return rows, x, rope_of(rope_module, x, rows)
+
+
 @torch.inference_mode()
 def profile_shape(shape: LayerShape, bits: tuple[int, ...], grid: Grid, device: torch.device, dtype: torch.dtype,
                   samples: int, bar: tqdm) -> list[ProfilePoint]:
@@ -118,12 +136,7 @@ def profile_shape(shape: LayerShape, bits: tuple[int, ...], grid: Grid, device: 
         for phase, batches, lens in (("prefill", grid.prefill_batches, grid.prompt_lens),
                                      ("decode", grid.decode_batches, grid.context_lens)):
             for mb, n in itertools.product(batches, lens):
-                if phase == "prefill":
-                    rows = Rows(list(range(mb)), [0] * mb, [n] * mb).to(device)
-                else:
-                    rows = Rows(list(range(mb)), [n] * mb, [1] * mb).to(device)
-                x = torch.randn(rows.tokens, shape.hidden, device=device, dtype=dtype)
-                rope = rope_of(rope_module, x, rows)
+                rows, x, rope = point_inputs(rope_module, shape.hidden, phase, mb, n, device, dtype)
                 turn = itertools.cycle(range(len(layers)))
 
                 def call(x=x, rope=rope, rows=rows, turn=turn, layers=layers, cache=cache):
