@@ -184,6 +184,34 @@ class DeviceSpec(BaseModel):
         return GPUSpec.from_catalog(self.gpu)
 
 
+class DeviceGroup(BaseModel):
+    """`count` devices of the catalog GPU `type`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    count: int = Field(default=1, gt=0)
+
+
+class NodeGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, description="default: node<i>, by its place in the list")
+    devices: list[DeviceGroup]
+
+
+class ClusterFile(BaseModel):
+    """A cluster YAML: `nodes: [{name, devices: [{type, count}]}]`, or the short form `devices: [{type, count}]` in
+    which each device type sits on a node of its own (the paper's clusters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "cluster"
+    inter_node_gbs: float = Field(default=3.0, gt=0, description="bandwidth between nodes, GB/s per direction")
+    nodes: list[NodeGroup] | None = None
+    devices: list[DeviceGroup] | None = None
+
+
 class ClusterSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -201,27 +229,21 @@ class ClusterSpec(BaseModel):
         return self
 
     @classmethod
-    def from_groups(cls, name: str, nodes: list[dict[str, Any]], inter_node_gbs: float = 3.0) -> ClusterSpec:
-        """nodes: [{name, devices: [{type, count}]}]."""
-        devices: list[DeviceSpec] = []
-        for node in nodes:
-            for group in node.get("devices", []):
-                for i in range(int(group.get("count", 1))):
-                    devices.append(DeviceSpec(id=f"{node['name']}/{group['type']}#{i}", node=node["name"],
-                                              gpu=group["type"]))
-        return cls(name=name, devices=devices, inter_node_gbs=inter_node_gbs)
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterSpec:
-        """Either `nodes: [{name, devices: [{type, count}]}]`, or the short form `devices: [{type, count}]` in
-        which each device type sits on a node of its own (the paper's clusters)."""
-        name = str(data.get("name", "cluster"))
-        gbs = float(data.get("inter_node_gbs", 3.0))
-        if "nodes" in data:
-            return cls.from_groups(name, data["nodes"], gbs)
-        groups = data.get("devices") or []
-        nodes = [{"name": f"node{i}-{g['type']}", "devices": [g]} for i, g in enumerate(groups)]
-        return cls.from_groups(name, nodes, gbs)
+        """A cluster file's contents (see `ClusterFile`); a wrong or missing key is a ValueError naming it."""
+        file = ClusterFile.model_validate(data)
+        if (file.nodes is None) == (file.devices is None):
+            raise ValueError(f"cluster {file.name!r}: give either `nodes: [{{name, devices: [{{type, count}}]}}]` or "
+                             "`devices: [{type, count}]`, not both or neither")
+        nodes = file.nodes
+        if nodes is None:
+            nodes = [NodeGroup(name=f"node{i}-{g.type}", devices=[g]) for i, g in enumerate(file.devices)]
+        devices = []
+        for i, node in enumerate(nodes):
+            name = node.name or f"node{i}"
+            devices += [DeviceSpec(id=f"{name}/{group.type}#{k}", node=name, gpu=group.type)
+                        for group in node.devices for k in range(group.count)]
+        return cls(name=file.name, devices=devices, inter_node_gbs=file.inter_node_gbs)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterSpec:

@@ -73,6 +73,20 @@ def test_cluster_yaml_both_forms(tmp_path):
     assert len({d.node for d in short.devices}) == 2 and c.summary() == "2xT4 + 1xA10 + 1xV100-SXM2-32GB"
 
 
+def test_cluster_file_mistakes_are_errors_that_name_them():
+    """A cluster file is user input: every mistake is a ValueError (the CLI prints it) saying where, never a
+    KeyError from deep inside."""
+    unnamed = ClusterSpec.from_dict({"nodes": [{"devices": [{"type": "T4"}]}, {"devices": [{"type": "A10"}]}]})
+    assert [d.node for d in unnamed.devices] == ["node0", "node1"]
+    for bad, says in [({"nodes": [{"devices": [{"count": 2}]}]}, "type"),
+                      ({"devices": [{"type": "T4", "cuont": 2}]}, "cuont"),
+                      ({"devices": [{"type": "T4", "count": 0}]}, "count"),
+                      ({"device": [{"type": "T4"}]}, "device"),
+                      ({"nodes": [], "devices": [{"type": "T4"}]}, "not both or neither")]:
+        with pytest.raises(ValueError, match=says):
+            ClusterSpec.from_dict(bad)
+
+
 def test_empty_cluster_is_an_error():
     with pytest.raises(ValueError, match="has no devices"):
         ClusterSpec.from_dict({"name": "void", "devices": []})
