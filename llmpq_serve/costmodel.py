@@ -168,9 +168,15 @@ class CostModel:
         return _fitted_scales(Path(folder), stamp)
 
     def latency_source(self, gpu: GPUSpec) -> str:
-        """What layer times of `gpu` come from, as the plan reports it."""
-        if self.profile_table(gpu) is not None:
-            return "profile"
+        """What layer times of `gpu` come from, as the plan reports it; for a table, the bit-widths it timed with
+        older kernels than the runtime's."""
+        table = self.profile_table(gpu)
+        if table is not None:
+            outdated = table.outdated_bits()
+            if not outdated:
+                return "profile"
+            return (f"profile, its {'/'.join(map(str, outdated))}-bit points timed with older kernels than the "
+                    f"runtime's (re-measure: `llmpq profile --model {self.model.name}` on that GPU)")
         scales, fitted_on = self.fitted_scales(gpu)
         return f"roofline, efficiencies fitted on {'+'.join(fitted_on)}" if scales else "roofline"
 

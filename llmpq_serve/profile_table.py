@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from llmpq_serve.runtime.kernel_revisions import KERNEL_REVISIONS
 from llmpq_serve.spec import ModelSpec
 
 Phase = Literal["prefill", "decode"]
@@ -46,6 +47,15 @@ class ProfilePoint(BaseModel):
 class ShapeTable(BaseModel):
     shape: LayerShape
     points: list[ProfilePoint]
+    kernels: dict[int, int] = Field(default_factory=dict, description=(
+        "bit-width -> revision of the runtime's kernels it was timed with (llmpq_serve.runtime.kernel_revisions); "
+        "empty in tables measured before revisions were recorded"))
+
+    def outdated_bits(self) -> list[int]:
+        """The bit-widths of this table timed with older kernels than the runtime's (all of them in a table that
+        recorded none)."""
+        return sorted({p.bits for p in self.points if self.kernels.get(p.bits, 0) < KERNEL_REVISIONS[p.bits]},
+                      reverse=True)
 
     @cached_property
     def _grids(self) -> dict[tuple[int, str], tuple[list[int], list[int], dict[tuple[int, int], float]]]:

@@ -4,21 +4,46 @@ import pytest
 
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.profile_table import LayerShape, Profile, ProfilePoint, ShapeTable, StepPoint, TransferFit
+from llmpq_serve.runtime.kernel_revisions import KERNEL_REVISIONS
 from llmpq_serve.spec import GPUSpec, ModelSpec
 
 GRID = {(1, 128): 1.0, (1, 512): 3.0, (4, 128): 2.0, (4, 512): 8.0}
 
 
-def _profile(model: ModelSpec, device_type: str = "T4") -> Profile:
+def _profile(model: ModelSpec, device_type: str = "T4", kernels: dict[int, int] | None = None) -> Profile:
     points = [ProfilePoint(bits=16, phase="prefill", micro_batch=m, seq=s, median_s=v) for (m, s), v in GRID.items()]
+    kernels = {16: KERNEL_REVISIONS[16]} if kernels is None else kernels
     return Profile(device_type=device_type, device_name="test", torch="2.13", measured_at="2026-11-25",
-                   tables=[ShapeTable(shape=LayerShape.of(model), points=points)])
+                   tables=[ShapeTable(shape=LayerShape.of(model), points=points, kernels=kernels)])
 
 
 def test_round_trip(tmp_path):
     p = _profile(ModelSpec.from_catalog("opt-13b"))
     p.save(tmp_path / "T4.json")
     assert Profile.load(tmp_path / "T4.json") == p
+
+
+def test_tables_timed_with_older_kernels_are_named_in_the_plan(tmp_path):
+    model = ModelSpec.from_catalog("opt-13b")
+    t4 = GPUSpec.from_catalog("T4")
+    old_3bit = [ProfilePoint(bits=3, phase="decode", micro_batch=1, seq=128, median_s=1.0)]
+    current = {b: KERNEL_REVISIONS[b] for b in (16, 3)}
+    cases = [({16: KERNEL_REVISIONS[16]}, []), ({}, [16]),  # a table from before revisions were recorded
+             ({**current, 3: KERNEL_REVISIONS[3] - 1}, [3]), (current, [])]
+    for i, (kernels, outdated) in enumerate(cases):
+        profile = _profile(model, kernels=kernels)
+        if 3 in kernels:
+            profile.tables[0].points.extend(old_3bit)
+        assert profile.tables[0].outdated_bits() == outdated
+        folder = tmp_path / f"case{i}"
+        folder.mkdir()
+        profile.save(folder / "T4.json")
+        source = CostModel(model, CostConfig(profiles_dir=folder)).latency_source(t4)
+        if outdated:
+            assert source.startswith(f"profile, its {outdated[0]}-bit points timed with older kernels")
+            assert "`llmpq profile --model opt-13b` on that GPU" in source
+        else:
+            assert source == "profile"
 
 
 def test_exact_at_grid_points_and_bilinear_between():

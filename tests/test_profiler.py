@@ -6,6 +6,7 @@ from llmpq_serve import profiler
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.profile_table import HeadPoint, LayerShape, Profile
 from llmpq_serve.profiler.timing import measure_round_robin
+from llmpq_serve.runtime.kernel_revisions import KERNEL_REVISIONS
 from llmpq_serve.spec import GPUSpec, ModelSpec
 
 TINY = ModelSpec(name="tiny", arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=300,
@@ -20,6 +21,7 @@ def test_profile_covers_the_grid_and_round_trips(tmp_path, monkeypatch):
     (table,) = prof.tables
     assert table.shape == LayerShape.of(TINY)
     assert len(table.points) == 2 * (2 * 2 + 2 * 2)
+    assert table.kernels == {16: KERNEL_REVISIONS[16], 4: KERNEL_REVISIONS[4]} and not table.outdated_bits()
     assert all(p.p10_s <= p.median_s <= p.p90_s for p in table.points)
     hop = prof.transfer  # the ring's own hop: a loopback socket between two threads, both ways closed after
     assert hop is not None and hop.bytes_per_s > 0 and hop.latency_s > 0

@@ -69,7 +69,8 @@ class Plan(BaseModel):
     quality: QualityTarget
     indicator: str
     latency_sources: dict[str, str] = Field(
-        description="GPU type -> 'profile', 'roofline' or 'roofline, efficiencies fitted on <types>'")
+        description="GPU type -> 'profile' (naming the bit-widths a table timed with older kernels than the "
+                    "runtime's, if any), 'roofline' or 'roofline, efficiencies fitted on <types>'")
     stages: list[StagePlan]
     prefill_micro_batch: int
     decode_micro_batch: int
@@ -112,7 +113,7 @@ class Plan(BaseModel):
                 f"+ {self.workload.gen_len} tokens\n"
                 f"micro-batch: prefill {self.prefill_micro_batch}, decode {self.decode_micro_batch}   "
                 f"indicator: {self.indicator}   latency: "
-                + ", ".join(f"{g} {s}" for g, s in self.latency_sources.items()) + "\n")
+                + "; ".join(f"{g} {s}" for g, s in self.latency_sources.items()) + "\n")
         rows = [("stage", "device", "layers", "bits", "prefill ms", "decode ms", "memory GiB")]
         for i, (s, pred) in enumerate(zip(self.stages, p.stages)):
             hist = Counter(s.bits)

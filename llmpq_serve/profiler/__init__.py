@@ -28,6 +28,7 @@ from llmpq_serve.profiler.layers import (
 )
 from llmpq_serve.profiler.ring_costs import profile_step_overhead, profile_transfer
 from llmpq_serve.profiler.timing import SAMPLES
+from llmpq_serve.runtime.kernel_revisions import KERNEL_REVISIONS
 from llmpq_serve.spec import ModelSpec
 
 
@@ -75,7 +76,8 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
     with tqdm(total=len(shapes) * len(bits) * per_layer * samples, desc=f"profiling on {name}",
               unit="sample") as bar:
         for k, shape in enumerate(shapes, 1):
-            table = ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar))
+            table = ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar),
+                               kernels={b: KERNEL_REVISIONS[b] for b in bits})
             profile = profile.model_copy(update={"tables": [*profile.tables, table]})
             if dev.type == "cuda":  # the shape's layers and cache go back before the next shape's come
                 torch.cuda.empty_cache()
