@@ -73,19 +73,21 @@ def test_kernels_compute_the_dequantized_product(bits):
         torch.testing.assert_close(q(x), expect, atol=2e-2, rtol=1e-2)
 
 
-def test_3bit_weight_is_held_as_bit_planes_and_multiplied_block_by_block(monkeypatch):
+@pytest.mark.parametrize("in_features", [256, 40])  # rows of whole 32-bit words, and of bytes only
+def test_3bit_weight_is_held_as_bit_planes_and_multiplied_block_by_block(monkeypatch, in_features):
     from llmpq_serve.quant import linear
 
     torch.manual_seed(0)
-    lin = nn.Linear(256, 100)
-    gq = quantize(lin.weight.detach(), 3, 128)
-    q = QuantLinear.from_linear(lin, 3, 128, quantized=gq)
-    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (3, 100, 32)  # 3 bits per value
+    lin = nn.Linear(in_features, 100)
+    group = 128 if in_features == 256 else 8
+    gq = quantize(lin.weight.detach(), 3, group)
+    q = QuantLinear.from_linear(lin, 3, group, quantized=gq)
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (3, 100, in_features // 8)  # 3 bits per value
     assert torch.equal(q.group_quant().q, gq.q)
-    x = torch.randn(5, 256)
+    x = torch.randn(5, in_features)
     expect = nn.functional.linear(x, gq.dequantize(), lin.bias)
     whole = q(x)
-    monkeypatch.setattr(linear, "CPU_BLOCK_BYTES", 4 * 256 * 48)  # blocks of 48, 48 and 4 output rows
+    monkeypatch.setattr(linear, "CPU_BLOCK_BYTES", 4 * in_features * 48)  # blocks of 48, 48 and 4 output rows
     torch.testing.assert_close(q(x), expect, atol=1e-4, rtol=0)
     torch.testing.assert_close(q(x), whole, atol=1e-5, rtol=0)
 

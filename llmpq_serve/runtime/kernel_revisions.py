@@ -10,6 +10,8 @@ attention path), and add a line here:
 - 2, every bit-width (2026-11-26): GPU stages attend with the memory-efficient kernel, grouped query heads folded
   onto their key heads, instead of cuDNN's attention, which rebuilt its graph at every new key length.
 - 3, 3 bits (2026-11-27): 3-bit weights held as bit-planes, multiplied a block of output rows at a time on the CPU.
+- 4, 3 bits (2026-11-27): the planes laid out so that they unpack in 32-bit words, values in order (1.8-3.5x faster
+  on the CPU).
 """
 
-KERNEL_REVISIONS: dict[int, int] = {16: 2, 8: 2, 4: 2, 3: 3}
+KERNEL_REVISIONS: dict[int, int] = {16: 2, 8: 2, 4: 2, 3: 4}
