@@ -128,7 +128,10 @@ def gil_held_share(path: Path, workload: Workload = WORKLOAD, repeats: int = 30)
     n = 2 * workload.prompt_len
     inputs = [torch.randint(0, shards[0].spec.vocab, (n,)), torch.randn(n, shards[0].spec.hidden)]
 
+    threads = torch.get_num_threads()
+
     def calls(k: int) -> None:
+        torch.set_num_threads(threads)  # per OS thread, as a StageRunner sets it (see there)
         for _ in range(repeats):
             shards[k](inputs[k], Rows([0, 1], [0, 0], [workload.prompt_len] * 2), caches[k])
 

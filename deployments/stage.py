@@ -21,9 +21,8 @@ class StageDeployment:
         # a logical GPU (tests, the CPU demo) shows no CUDA device: the stage then runs on the CPU, where stages
         # sharing a machine should split its cores rather than each spin up a thread per core
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and cpu_threads:
-            torch.set_num_threads(cpu_threads)
-        self.runner = StageRunner(path, stage, slots, max_seq, device, quant)
+        self.runner = StageRunner(path, stage, slots, max_seq, device, quant,
+                                  threads=cpu_threads if device == "cpu" else None)
 
     def join(self, host: str, port: int, index: int, stages: int) -> None:
         """Start serving as stage `index` of `stages` in the ring whose router listens on host:port."""

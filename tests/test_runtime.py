@@ -133,6 +133,30 @@ def test_shard_logits_match_hf_for_ragged_prompts(demo_checkpoint):
         torch.testing.assert_close(logits[i], hf(p[None]).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_stage_sets_its_thread_count_in_every_thread_that_runs_it(demo_checkpoint, monkeypatch):
+    """torch's CPU thread count is kept per OS thread: a stage computing in a worker thread would otherwise spread
+    each op over every core, whatever its creator set."""
+    import threading
+
+    from llmpq_serve.runtime.local import StageRunner
+    from llmpq_serve.runtime.scheduler import RowsSpec
+
+    runner = StageRunner(demo_checkpoint("opt"), even_stages(3, 1)[0], 2, 32, threads=1)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append((threading.current_thread().name, n)))
+    rows = RowsSpec(slots=[0], starts=[0], counts=[3])
+
+    def twice() -> None:
+        for _ in range(2):
+            runner.run(rows, torch.tensor([5, 6, 7]))
+
+    threads = [threading.Thread(target=twice) for _ in range(2)]
+    for t in threads:
+        t.start()
+        t.join()
+    assert sorted(set_to) == sorted((t.name, 1) for t in threads)  # once in each thread
+
+
 def test_cuda_stages_attend_without_cudnn_whose_graphs_are_built_per_key_length():
     """cuDNN's attention builds a graph for every new key length, i.e. every decode step: a CUDA stage's layers run
     with it switched off (and only there: the flags are the process's)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 from pathlib import Path
 
 import torch
@@ -28,14 +29,26 @@ def even_stages(layers: int, stages: int, bits: int = 16) -> list[StageSpec]:
 
 
 class StageRunner:
-    """A stage shard and its KV cache: what a stage deployment holds, too."""
+    """A stage shard and its KV cache: what a stage deployment holds, too.
+
+    `threads`: CPU threads of the stage's ops (default: torch's count where the runner is made). torch's count is
+    OpenMP's, which is kept per OS thread: the worker threads a stage computes in (the local chain's, the ring's
+    lanes) never saw their creator's `torch.set_num_threads`, and each op there fanned out over every core, unless
+    OMP_NUM_THREADS said otherwise (Ray sets it in its workers). On 2 cores a worker thread's 512 x 512 products took
+    both where the main thread's took one, so two such stages took each other's cores. Each thread that runs the
+    stage sets the count once."""
 
     def __init__(self, path: str | Path, stage: StageSpec, slots: int, max_seq: int, device: str = "cpu",
-                 quant: QuantOptions | None = None):
+                 quant: QuantOptions | None = None, threads: int | None = None):
         self.shard = StageShard(path, stage, device, quant)
         self.cache = self.shard.new_cache(slots, max_seq)
+        self.threads = threads or torch.get_num_threads()
+        self._threads_set = threading.local()
 
     def run(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self._threads_set, "done", False):
+            torch.set_num_threads(self.threads)
+            self._threads_set.done = True
         out = self.shard(x, Rows(rows.slots, rows.starts, rows.counts), self.cache)
         return to_host(out)
 
