@@ -60,6 +60,13 @@ print("stack fidelity: median", d["median_abs_rel_error"], "max", d["max_abs_rel
         if (( SECONDS + 75 > deadline )); then echo "out of time before $model"; break; fi
         profile "$model" "$device"
     done
+    # what the next lent GPU still has to measure again (see llmpq_serve/runtime/kernel_revisions.py)
+    python3 -c 'import sys; from llmpq_serve.profile_table import Profile
+for path in sys.argv[1:]:
+    for t in Profile.load(path).tables:
+        old = t.outdated_bits()
+        print(path, t.shape.arch, t.shape.hidden, "outdated bits:", old or "none")' profiles/*.json \
+        | tee "$OUT/outdated.txt" || true
     cp profiles/*.json "$OUT/"
 }
 
