@@ -31,12 +31,12 @@ def even_stages(layers: int, stages: int, bits: int = 16) -> list[StageSpec]:
 class StageRunner:
     """A stage shard and its KV cache: what a stage deployment holds, too.
 
-    `threads`: CPU threads of the stage's ops (default: torch's count where the runner is made). torch's count is
-    OpenMP's, which is kept per OS thread: the worker threads a stage computes in (the local chain's, the ring's
-    lanes) never saw their creator's `torch.set_num_threads`, and each op there fanned out over every core, unless
-    OMP_NUM_THREADS said otherwise (Ray sets it in its workers). On 2 cores a worker thread's 512 x 512 products took
-    both where the main thread's took one, so two such stages took each other's cores. Each thread that runs the
-    stage sets the count once."""
+    `threads`: CPU threads of the stage's ops (default: torch's count where the runner is made). `torch.set_num_threads`
+    reaches MKL, which runs the matrix products, only in the calling OS thread: in the worker threads a stage computes
+    in (the local chain's, the ring's lanes) MKL used every core, unless OMP_NUM_THREADS or MKL_NUM_THREADS said
+    otherwise (Ray sets OMP_NUM_THREADS in its workers). On 2 cores a worker thread's 512 x 512 products took both
+    where the main thread's took one, while `torch.get_num_threads()` said 1 there. Each thread that runs the stage
+    sets the count once."""
 
     def __init__(self, path: str | Path, stage: StageSpec, slots: int, max_seq: int, device: str = "cpu",
                  quant: QuantOptions | None = None, threads: int | None = None):
