@@ -118,22 +118,21 @@ def gil_held_share(path: Path, workload: Workload = WORKLOAD, repeats: int = 30)
     the other."""
     import threading
 
-    from llmpq_serve.runtime.layers import Rows
-    from llmpq_serve.runtime.shard import StageShard
+    from llmpq_serve.runtime.local import StageRunner
+    from llmpq_serve.runtime.scheduler import RowsSpec
 
     half = ModelSpec.from_checkpoint(path).layers // 2
-    shards = [StageShard(path, spec) for spec in StageSpec.chain([(0, half, [16] * half),
-                                                                   (half, 2 * half, [16] * half)])]
-    caches = [s.new_cache(2, workload.max_len) for s in shards]
+    # stage runners, as the local chain's: each sets its thread count in the thread that runs it
+    runners = [StageRunner(path, spec, 2, workload.max_len) for spec in StageSpec.chain([(0, half, [16] * half),
+                                                                                         (half, 2 * half, [16] * half)])]
     n = 2 * workload.prompt_len
-    inputs = [torch.randint(0, shards[0].spec.vocab, (n,)), torch.randn(n, shards[0].spec.hidden)]
-
-    threads = torch.get_num_threads()
+    spec = runners[0].shard.spec
+    inputs = [torch.randint(0, spec.vocab, (n,)), torch.randn(n, spec.hidden)]
+    rows = RowsSpec([0, 1], [0, 0], [workload.prompt_len] * 2)
 
     def calls(k: int) -> None:
-        torch.set_num_threads(threads)  # per OS thread, as a StageRunner sets it (see there)
         for _ in range(repeats):
-            shards[k](inputs[k], Rows([0, 1], [0, 0], [workload.prompt_len] * 2), caches[k])
+            runners[k].run(rows, inputs[k])
 
     def timed_s(*ks: int) -> float:
         threads = [threading.Thread(target=calls, args=(k,)) for k in ks]
