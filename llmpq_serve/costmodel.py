@@ -13,7 +13,7 @@ import math
 import statistics
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -57,12 +57,23 @@ def profile_gpu(profile: Profile) -> GPUSpec | None:
     return GPUSpec.from_catalog(pick[-1])
 
 
+class FittedScales(NamedTuple):
+    """Roofline corrections fitted on the measured GPU tables of a folder."""
+
+    scales: dict[tuple[int, str], float]  # (bits, phase) -> median of measured / roofline over every point
+    fitted_on: tuple[str, ...]  # the GPU types of the tables
+    outdated_bits: tuple[int, ...]  # bit-widths with points timed with older kernels than the runtime's
+
+
 @cache
-def _fitted_scales(profiles_dir: Path, stamp: tuple) -> tuple[dict[tuple[int, str], float], tuple[str, ...]]:
-    """((bits, phase) -> median of measured / roofline over every point of every GPU table in the folder, the
-    GPU types fitted on). `stamp` (file names and mtimes) makes an edited folder a new cache entry."""
+def _fitted_scales(profiles_dir: Path, stamp: tuple) -> FittedScales:
+    """Points timed with older kernels are fitted on too, and named in the plan's latency source: for another GPU
+    type, many shapes say more than one shape timed with the newest kernels (the revisions so far changed the
+    attention kernel and the 3-bit layout, not the weight reads that bound a 16/8/4-bit layer there). `stamp` (file
+    names and mtimes) makes an edited folder a new cache entry."""
     ratios: dict[tuple[int, str], list[float]] = {}
-    fitted_on = []
+    fitted_on: list[str] = []
+    outdated: set[int] = set()
     for path in sorted(profiles_dir.glob("*.json")):
         profile = _load_profile(path, path.stat().st_mtime)
         gpu = profile_gpu(profile)
@@ -71,6 +82,7 @@ def _fitted_scales(profiles_dir: Path, stamp: tuple) -> tuple[dict[tuple[int, st
         fitted_on.append(profile.device_type)
         for table in profile.tables:
             shape = table.shape
+            outdated.update(table.outdated_bits())
             spec = ModelSpec(name=f"profiled-{shape.hidden}", arch="llama" if shape.arch == "gated" else "opt",
                              layers=1, hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads, ffn=shape.ffn,
                              vocab=32000, max_pos=4096)
@@ -78,7 +90,8 @@ def _fitted_scales(profiles_dir: Path, stamp: tuple) -> tuple[dict[tuple[int, st
             for p in table.points:
                 predicted = roofline.roofline_layer_time(gpu, p.bits, p.phase, p.micro_batch, p.seq)
                 ratios.setdefault((p.bits, p.phase), []).append(p.median_s / predicted)
-    return {k: statistics.median(v) for k, v in ratios.items()}, tuple(fitted_on)
+    return FittedScales({k: statistics.median(v) for k, v in ratios.items()}, tuple(fitted_on),
+                        tuple(sorted(outdated, reverse=True)))
 
 
 def packed_words(n: int, bits: int) -> int:
@@ -159,11 +172,11 @@ class CostModel:
         profile = self.profile(gpu)
         return None if profile is None else profile.table_for(self.model)
 
-    def fitted_scales(self, gpu: GPUSpec) -> tuple[dict[tuple[int, str], float], tuple[str, ...]]:
+    def fitted_scales(self, gpu: GPUSpec) -> FittedScales:
         """Roofline corrections fitted on the measured GPU tables (none for a CPU device or without profiles)."""
         folder = self.config.profiles_dir
         if folder is None or gpu.ray_type == "CPU" or not Path(folder).is_dir():
-            return {}, ()
+            return FittedScales({}, (), ())
         stamp = tuple((p.name, p.stat().st_mtime) for p in sorted(Path(folder).glob("*.json")))
         return _fitted_scales(Path(folder), stamp)
 
@@ -177,15 +190,21 @@ class CostModel:
                 return "profile"
             return (f"profile, its {'/'.join(map(str, outdated))}-bit points timed with older kernels than the "
                     f"runtime's (re-measure: `llmpq profile --model {self.model.name}` on that GPU)")
-        scales, fitted_on = self.fitted_scales(gpu)
-        return f"roofline, efficiencies fitted on {'+'.join(fitted_on)}" if scales else "roofline"
+        fit = self.fitted_scales(gpu)
+        if not fit.scales:
+            return "roofline"
+        source = f"roofline, efficiencies fitted on {'+'.join(fit.fitted_on)}"
+        if fit.outdated_bits:
+            source += (f" (their {'/'.join(map(str, fit.outdated_bits))}-bit points timed with older kernels than "
+                       "the runtime's)")
+        return source
 
     def layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
         """Seconds for one decoder layer: prefill of `seq` prompt tokens, or one decode step at context `seq`."""
         table = self.profile_table(gpu)
         if table is not None and table.has(bits, phase):
             return table.interpolate(bits, phase, micro_batch, seq)
-        scale = 1.0 if table is not None else self.fitted_scales(gpu)[0].get((bits, phase), 1.0)
+        scale = 1.0 if table is not None else self.fitted_scales(gpu).scales.get((bits, phase), 1.0)
         return scale * self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
 
     def roofline_layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:

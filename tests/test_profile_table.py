@@ -38,12 +38,18 @@ def test_tables_timed_with_older_kernels_are_named_in_the_plan(tmp_path):
         folder = tmp_path / f"case{i}"
         folder.mkdir()
         profile.save(folder / "T4.json")
-        source = CostModel(model, CostConfig(profiles_dir=folder)).latency_source(t4)
+        cost = CostModel(model, CostConfig(profiles_dir=folder))
+        source = cost.latency_source(t4)
+        # a GPU without a table is priced by the roofline fitted on this one, whose older points the plan names too
+        fitted = cost.latency_source(GPUSpec.from_catalog("A10"))
         if outdated:
             assert source.startswith(f"profile, its {outdated[0]}-bit points timed with older kernels")
             assert "`llmpq profile --model opt-13b` on that GPU" in source
+            assert fitted == (f"roofline, efficiencies fitted on T4 (their {outdated[0]}-bit points timed with older "
+                              "kernels than the runtime's)")
         else:
             assert source == "profile"
+            assert fitted == "roofline, efficiencies fitted on T4"
 
 
 def test_exact_at_grid_points_and_bilinear_between():

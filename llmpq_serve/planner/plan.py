@@ -70,7 +70,8 @@ class Plan(BaseModel):
     indicator: str
     latency_sources: dict[str, str] = Field(
         description="GPU type -> 'profile' (naming the bit-widths a table timed with older kernels than the "
-                    "runtime's, if any), 'roofline' or 'roofline, efficiencies fitted on <types>'")
+                    "runtime's, if any), 'roofline' or 'roofline, efficiencies fitted on <types>' (naming the same of the "
+                    "tables fitted on)")
     stages: list[StagePlan]
     prefill_micro_batch: int
     decode_micro_batch: int
