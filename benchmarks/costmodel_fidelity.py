@@ -4,9 +4,11 @@ end-to-end latency.
 
     python benchmarks/costmodel_fidelity.py --json
 
-Stages are CPU devices of one thread each (the catalog's CPU entry; latencies from a table of the demo models'
-layers that the benchmark profiles first, as `llmpq profile --device cpu --threads 1` does, or from `--profiles`), so
-that a 2-stage pipeline really runs its stages side by side on this 2-core machine. The prediction is the planner's
+Stages are CPU devices of one thread each (the catalog's CPU entry), so that a 2-stage pipeline really runs its
+stages side by side on this 2-core machine. Latencies come from a table that the benchmark profiles as `llmpq profile
+--device cpu --threads 1` does, with each case's model's layers timed again right before and right after the case
+and averaged (`bracketed`: this VM's speed drifts within minutes; `layers_after_over_before` in a case shows how
+much), or from `--profiles` as given. The prediction is the planner's
 own (Problem.evaluate); for the "local" transport (the runtime in this process, stages in threads, which take turns
 on the GIL for part of each call) its stage times are combined as `taking_turns` says, with the GIL-held share of a
 prefill call measured here first (`gil_held_share`). Transports: "local" and "ray" (the Serve app on a local Ray
@@ -46,7 +48,7 @@ from llmpq_serve import catalog
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.planner import Problem
 from llmpq_serve.planner.problem import early_decode_steps
-from llmpq_serve.profile_table import LayerShape
+from llmpq_serve.profile_table import LayerShape, Profile, ProfilePoint, ShapeTable
 from llmpq_serve.profiler import detect_device_type
 from llmpq_serve.profiler.layers import hf_config
 from llmpq_serve.runtime.local import local_engine
@@ -386,14 +388,17 @@ def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
     from llmpq_serve import demo_model
 
     torch.set_num_threads(1)  # one core per stage, as profiled
-    if args.profiles is None:
+    bracket = args.profiles is None
+    if bracket:
         import tempfile
 
         from llmpq_serve import profiler
 
+        base = profiler.run([str(demo_model.build(arch)) for arch in ("llama", "opt")], device="cpu", threads=1)
         args.profiles = Path(tempfile.mkdtemp(prefix="llmpq-profiles-"))
-        profile = profiler.run([str(demo_model.build(arch)) for arch in ("llama", "opt")], device="cpu", threads=1)
-        profile.save(args.profiles / f"{profile.device_type}.json")
+        # a model's layers timed since the last case ran (nothing ran after them): the next case's "before"
+        since_last_case = {LayerShape.of(ModelSpec.from_checkpoint(demo_model.build(arch))): base
+                           for arch in ("llama", "opt")}
     cases, errors = [], []
     held: dict[str, float] = {}  # per demo model, see gil_held_share
     runs = [("local", case) for case in CASES] + ([] if args.no_ray else [("ray", case) for case in RAY_CASES])
@@ -403,23 +408,57 @@ def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
             path = demo_model.build(arch)
             if transport == "local" and arch not in held:
                 held[arch] = gil_held_share(path)
-            pred = predict(path, stages, pmb, dmb, args.profiles, held=held.get(arch) if transport == "local" else None)
+            if bracket:
+                shape = LayerShape.of(ModelSpec.from_checkpoint(path))
+                before = since_last_case.pop(shape, None) or time_layers(path)
+                since_last_case.clear()
             if transport == "local":
                 meas = measure_local(path, stages, pmb, dmb, args.repeats)
             else:
                 ray_app = ray_app or RayApp()
                 meas = ray_app.measure(path, stages, pmb, dmb, args.repeats)
+            drift = None
+            if bracket:
+                after = since_last_case[shape] = time_layers(path)
+                table, drift = bracketed(before.table_for(ModelSpec.from_checkpoint(path)),
+                                         after.tables[0])
+                base.model_copy(update={"tables": [table]}).save(args.profiles / f"{base.device_type}.json")
+            pred = predict(path, stages, pmb, dmb, args.profiles, held=held.get(arch) if transport == "local" else None)
+            if transport == "ray":
                 # a request's way in and out is no stage's work: measured on the app, added once per batch
                 pred["ingress_s"] = meas.pop("ingress_s")
                 pred["prefill_s"] += pred["ingress_s"]
                 pred["latency_s"] += pred["ingress_s"]
             cases.append(case_record(f"demo-{arch}", transport, stages, pmb, dmb, pred, meas, errors))
+            if drift is not None:
+                cases[-1]["layers_after_over_before"] = round(drift, 3)
             if not args.json:
                 print(json.dumps(cases[-1]), flush=True)
     finally:
         if ray_app is not None:
             ray_app.stop()
     return cases, errors
+
+
+def time_layers(path: Path) -> Profile:
+    """The layer table of a demo model's shape on this CPU, timed now (~10 s)."""
+    from llmpq_serve import profiler
+
+    return profiler.run([str(path)], device="cpu", threads=1, extras=False)
+
+
+def bracketed(before: ShapeTable, after: ShapeTable) -> tuple[ShapeTable, float]:
+    """(the table of the mean of two timings of the same grid, the median ratio after / before over its points).
+    This VM's speed for the same work drifts by up to 1.5x within minutes: a case is predicted from its layers timed
+    right before and right after it, as the serving benchmark sets each pipeline run between two baseline runs."""
+    if [(p.bits, p.phase, p.micro_batch, p.seq) for p in before.points] != \
+            [(p.bits, p.phase, p.micro_batch, p.seq) for p in after.points]:
+        raise ValueError("the two timings of the layers cover different grids")
+    points = [ProfilePoint(bits=a.bits, phase=a.phase, micro_batch=a.micro_batch, seq=a.seq,
+                           median_s=(a.median_s + b.median_s) / 2, p10_s=min(a.p10_s, b.p10_s),
+                           p90_s=max(a.p90_s, b.p90_s)) for a, b in zip(before.points, after.points)]
+    drift = statistics.median(b.median_s / a.median_s for a, b in zip(before.points, after.points))
+    return ShapeTable(shape=after.shape, points=points, kernels=after.kernels), drift
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ def test_profile_covers_the_grid_and_round_trips(tmp_path, monkeypatch):
     p = table.points[0]
     assert cost.layer_time(cpu, p.bits, p.phase, p.micro_batch, p.seq) == p.median_s
     assert cost.head_time(cpu, 4) == prof.heads[1].median_s
+    # the layer tables alone, timed again
+    layers = profiler.run(["tiny"], device="cpu", grid=GRID, bits=(16, 4), threads=1, samples=3, extras=False)
+    assert [t.shape for t in layers.tables] == [table.shape] and len(layers.tables[0].points) == len(table.points)
+    assert not layers.heads and layers.transfer is None and not layers.step_overhead
     assert "decode step of one layer" in profiler.summary(prof)
 
 

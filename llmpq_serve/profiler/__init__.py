@@ -50,10 +50,12 @@ def local_device(device: str | None = None) -> torch.device:
 
 def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
         bits: tuple[int, ...] = BITS, threads: int | None = None, samples: int | None = None,
-        on_progress: Callable[[Profile], None] | None = None) -> Profile:
+        on_progress: Callable[[Profile], None] | None = None, extras: bool = True) -> Profile:
     """The profile of `models`' layer shapes on `device`. `on_progress` gets the profile measured so far after each
     shape's table (without the heads, hop and step, which come last) and the whole one at the end: a large GPU shape
-    takes minutes, and a run cut short then keeps the shapes it finished."""
+    takes minutes, and a run cut short then keeps the shapes it finished. `extras=False` times the layer tables only
+    (no heads, hop or step: seconds on the CPU instead of a minute, to time the layers again as a machine's speed
+    moves)."""
     dev = local_device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -84,6 +86,8 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
             if on_progress is not None:
                 on_progress(profile.model_copy(update={
                     "method": f"{method}; partial: {k} of {len(shapes)} shapes, no head, hop or step yet"}))
+    if not extras:
+        return profile
     heads = []
     for spec in specs:
         if not any(h.hidden == spec.hidden and h.vocab == spec.vocab for h in heads):
