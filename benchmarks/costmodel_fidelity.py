@@ -409,7 +409,8 @@ def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
             if transport == "local" and arch not in held:
                 held[arch] = gil_held_share(path)
             if bracket:
-                shape = LayerShape.of(ModelSpec.from_checkpoint(path))
+                model = ModelSpec.from_checkpoint(path)
+                shape = LayerShape.of(model)
                 before = since_last_case.pop(shape, None) or time_layers(path)
                 since_last_case.clear()
             if transport == "local":
@@ -420,8 +421,7 @@ def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
             drift = None
             if bracket:
                 after = since_last_case[shape] = time_layers(path)
-                table, drift = bracketed(before.table_for(ModelSpec.from_checkpoint(path)),
-                                         after.tables[0])
+                table, drift = bracketed(before.table_for(model), after.tables[0])
                 base.model_copy(update={"tables": [table]}).save(args.profiles / f"{base.device_type}.json")
             pred = predict(path, stages, pmb, dmb, args.profiles, held=held.get(arch) if transport == "local" else None)
             if transport == "ray":

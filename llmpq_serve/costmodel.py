@@ -94,6 +94,10 @@ def _fitted_scales(profiles_dir: Path, stamp: tuple) -> FittedScales:
                         tuple(sorted(outdated, reverse=True)))
 
 
+def _older_points(bits: list[int] | tuple[int, ...]) -> str:
+    return f"{'/'.join(map(str, bits))}-bit points timed with older kernels than the runtime's"
+
+
 def packed_words(n: int, bits: int) -> int:
     """32-bit words holding n values packed densely at `bits` (compressed-tensors' layout: values may straddle
     word boundaries, so 3-bit costs exactly 3 bits)."""
@@ -188,15 +192,14 @@ class CostModel:
             outdated = table.outdated_bits()
             if not outdated:
                 return "profile"
-            return (f"profile, its {'/'.join(map(str, outdated))}-bit points timed with older kernels than the "
-                    f"runtime's (re-measure: `llmpq profile --model {self.model.name}` on that GPU)")
+            return (f"profile, its {_older_points(outdated)} (re-measure: `llmpq profile --model {self.model.name}` "
+                    "on that GPU)")
         fit = self.fitted_scales(gpu)
         if not fit.scales:
             return "roofline"
         source = f"roofline, efficiencies fitted on {'+'.join(fit.fitted_on)}"
         if fit.outdated_bits:
-            source += (f" (their {'/'.join(map(str, fit.outdated_bits))}-bit points timed with older kernels than "
-                       "the runtime's)")
+            source += f" (their {_older_points(fit.outdated_bits)})"
         return source
 
     def layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
