@@ -338,16 +338,19 @@ class RayApp:
 
     def router_url(self, timeout_s: float = 300) -> str:
         """The router replica's own server once its stages are up: the port of the range that answers ready (a
-        redeployed replica may take the next one while the last one's port is still closing)."""
+        redeployed replica may take the next one while the last one's port is still closing). Ready means the
+        router's own answer: a Ray process's metrics exporter took a port of the range in one run, and it answers
+        every GET, /healthz too, with 200."""
         import httpx
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for port in range(self.direct_port, self.direct_port + self.DIRECT_PORTS + 1):
                 try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                    if answer.status_code == 200 and answer.json().get("ready") is True:
                         return f"http://127.0.0.1:{port}"
-                except httpx.HTTPError:
+                except (httpx.HTTPError, ValueError, AttributeError):  # nothing there, or not the router
                     continue
             time.sleep(0.5)
         raise RuntimeError(f"no router got ready on ports {self.direct_port}-{self.direct_port + self.DIRECT_PORTS} "

@@ -112,10 +112,13 @@ class HeadPoint(BaseModel):
 
 
 class StepPoint(BaseModel):
-    """The router's own work per micro-batch step of `micro_batch` requests (scheduling, sampling, detokenizing)."""
+    """The router's own work per micro-batch step of `micro_batch` requests (scheduling, sampling, detokenizing) and
+    the step's way around the ring, beyond the stages' own time."""
 
     micro_batch: int
     median_s: float
+    stage_compute_s: float = Field(0.0, description="how long the stand-in stage computed per step before it "
+                                                    "answered (0: at once, as profiles before 2026-11-27 measured)")
 
 
 class TransferFit(BaseModel):

@@ -94,7 +94,8 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
             heads += profile_head(spec.hidden, spec.vocab, grid.decode_batches, dev, dtype)
     profile = profile.model_copy(update={
         "heads": heads, "transfer": profile_transfer(dev, dtype),
-        "step_overhead": profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs), dtype=dtype)})
+        "step_overhead": profile_step_overhead(grid.decode_batches, max(s.vocab for s in specs), dtype=dtype,
+                                               device=dev)})
     if on_progress is not None:
         on_progress(profile)
     return profile
@@ -140,6 +141,8 @@ def summary(profile: Profile) -> str:
         t = profile.transfer
         lines.append(f"stage hand-off: {t.latency_s * 1e6:.0f} us + {t.bytes_per_s / 1e9:.2f} GB/s")
     if profile.step_overhead:
-        lines.append("router work and ring round trip per micro-batch step: " + ", ".join(
-            f"mb {p.micro_batch} {p.median_s * 1e3:.2f} ms" for p in profile.step_overhead))
+        waited = profile.step_overhead[0].stage_compute_s
+        stage = f"a stage computing {waited * 1e3:.0f} ms" if waited else "a stage answering at once"
+        lines.append(f"router work and ring round trip per micro-batch step, beside {stage}: "
+                     + ", ".join(f"mb {p.micro_batch} {p.median_s * 1e3:.2f} ms" for p in profile.step_overhead))
     return "\n".join(lines)
