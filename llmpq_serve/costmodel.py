@@ -249,8 +249,9 @@ class CostModel:
     def step_overhead(self, gpu: GPUSpec, micro_batch: int) -> float:
         """The router's own work per micro-batch (scheduling, sampling, detokenizing) and the micro-batch's way over
         the stage ring to the first stage and back from the last, as measured beside this device's profile (with
-        its stage computing before it answers, as stages keep the router waiting); 0 without one. It comes after the last stage, and the router handles one micro-batch at a time, so the
-        planner counts it as part of the last stage."""
+        its stage computing before it answers, as stages keep the router waiting); 0 without one. It comes after the
+        last stage, and the router handles one micro-batch at a time, so the planner counts it as part of the last
+        stage."""
         profile = self.profile(gpu)
         return (profile.step_time(micro_batch) if profile else None) or 0.0
 

@@ -67,6 +67,7 @@ def answer_with(rows: int, vocab: int, dtype: str, host: str, port: int, compute
     import logging
 
     from llmpq_serve.runtime.ring import StageLoop
+    from llmpq_serve.runtime.threads import ThreadCount
 
     logging.getLogger("llmpq_serve.runtime.ring").setLevel(logging.ERROR)  # its ring closing is the normal end
     dev = torch.device(device)
@@ -74,12 +75,10 @@ def answer_with(rows: int, vocab: int, dtype: str, host: str, port: int, compute
     logits = torch.zeros(rows, vocab, dtype=getattr(torch, dtype))
     tokens = torch.randint(1, min(STAND_IN_VOCAB, vocab), (rows,), generator=torch.Generator().manual_seed(0))
     logits[torch.arange(rows), tokens] = 1.0
-    threads_set = threading.local()
+    count = ThreadCount(threads)
 
     def run(mb, x: torch.Tensor) -> torch.Tensor:
-        if not getattr(threads_set, "done", False):  # the count reaches MKL only in the thread that sets it
-            torch.set_num_threads(threads)
-            threads_set.done = True
+        count.use()
         end = time.perf_counter() + compute_s
         while time.perf_counter() < end:
             work @ work

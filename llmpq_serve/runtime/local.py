@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.layers import Rows
 from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, SchedulerOptions, slot_count
 from llmpq_serve.runtime.shard import QuantOptions, StageShard, StageSpec
+from llmpq_serve.runtime.threads import ThreadCount
 from llmpq_serve.runtime.transfer import to_host
 
 
@@ -31,24 +31,17 @@ def even_stages(layers: int, stages: int, bits: int = 16) -> list[StageSpec]:
 class StageRunner:
     """A stage shard and its KV cache: what a stage deployment holds, too.
 
-    `threads`: CPU threads of the stage's ops (default: torch's count where the runner is made). `torch.set_num_threads`
-    reaches MKL, which runs the matrix products, only in the calling OS thread: in the worker threads a stage computes
-    in (the local chain's, the ring's lanes) MKL used every core, unless OMP_NUM_THREADS or MKL_NUM_THREADS said
-    otherwise (Ray sets OMP_NUM_THREADS in its workers). On 2 cores a worker thread's 512 x 512 products took both
-    where the main thread's took one, while `torch.get_num_threads()` said 1 there. Each thread that runs the stage
-    sets the count once."""
+    `threads`: CPU threads of the stage's ops (default: torch's count where the runner is made), set in each thread
+    that runs the stage (see `runtime.threads`)."""
 
     def __init__(self, path: str | Path, stage: StageSpec, slots: int, max_seq: int, device: str = "cpu",
                  quant: QuantOptions | None = None, threads: int | None = None):
         self.shard = StageShard(path, stage, device, quant)
         self.cache = self.shard.new_cache(slots, max_seq)
-        self.threads = threads or torch.get_num_threads()
-        self._threads_set = threading.local()
+        self.threads = ThreadCount(threads or torch.get_num_threads())
 
     def run(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
-        if not getattr(self._threads_set, "done", False):
-            torch.set_num_threads(self.threads)
-            self._threads_set.done = True
+        self.threads.use()
         out = self.shard(x, Rows(rows.slots, rows.starts, rows.counts), self.cache)
         return to_host(out)
 
