@@ -28,7 +28,15 @@ from llmpq_serve.spec import GPUSpec, accelerator_types
 logger = logging.getLogger("llmpq")
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+# Serve gives every application's ingress replica, this one too, a direct-ingress HTTP server in its throughput-optimized
+# mode, and holds such a replica open for 30 s when it goes down, for load balancers to deregister it. None points
+# at this one, and a re-plan waits for the old stage application to go before deploying the new one.
+NO_DRAIN = {"env_vars": {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
+# Stage replicas answer control calls only (the ring carries the micro-batches): nothing to wait for at shutdown.
+QUICK_SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 5}
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0, "runtime_env": NO_DRAIN}, **QUICK_SHUTDOWN)
 class StageSet:
     """The stage application's ingress: the stages' handles, in pipeline order."""
 
@@ -45,7 +53,7 @@ def stage_app(config: ServeConfig, path: str, quant: QuantOptions, stages: list[
     slots = slot_count(config.workload.batch_size, decode_micro_batch)
     threads = max(1, (os.cpu_count() or 1) // len(stages))  # used only by stages that end up on a CPU
     return StageSet.bind(*[
-        StageDeployment.options(name=f"stage{i}", ray_actor_options={
+        StageDeployment.options(name=f"stage{i}", **QUICK_SHUTDOWN, ray_actor_options={
             "num_gpus": 1, "num_cpus": 0, "accelerator_type": ray_type}).bind(
             path, spec, slots, config.max_context, quant, threads)
         for i, (ray_type, spec) in enumerate(stages)])
@@ -112,9 +120,14 @@ def gpu_nodes(nodes: list[dict]) -> frozenset:
                      for n in nodes if n["Alive"] and n["Resources"].get("GPU"))
 
 
-# The router's long poll is always in flight here, and would hold a replica that goes down (a redeploy of the app)
-# for Serve's whole graceful-shutdown timeout: there is nothing to drain.
-@serve.deployment(num_replicas=1, ray_actor_options=CONTROL_PLANE, graceful_shutdown_timeout_s=1)
+# The router's poll for new stages is a request in flight here. Serve runs __del__, which takes the stage application
+# down with the app, only once no request is: so a poll returns after STAGES_POLL_S at the latest, and the shutdown
+# timeout covers the one in flight and one more that may arrive before the router hears that this replica is going.
+STAGES_POLL_S = 2.0
+
+
+@serve.deployment(num_replicas=1, ray_actor_options=CONTROL_PLANE, graceful_shutdown_wait_loop_s=0.1,
+                  graceful_shutdown_timeout_s=2 * STAGES_POLL_S + 2)
 class Planner:
     def __init__(self, args: dict[str, Any]):
         self.config = ServeConfig.model_validate(args)
@@ -133,9 +146,14 @@ class Planner:
     async def next_stages(self, after: int, error_seen: str | None = None) -> dict:
         """Waits for a deployment newer than generation `after` and returns it: {"generation", "stages" (handles in
         pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"}; or, first, for the planner's error
-        to differ from `error_seen`, and returns {"error": the error or None}. The router follows these."""
+        to differ from `error_seen`, and returns {"error": the error or None}; or, after STAGES_POLL_S with
+        neither, {}. The router follows these, asking again each time."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self.generation > after or self.error != error_seen)
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.generation > after or self.error != error_seen), STAGES_POLL_S)
+            except TimeoutError:
+                return {}
             return self.current if self.generation > after else {"error": self.error}
 
     def status(self) -> dict:

@@ -63,9 +63,10 @@ class Router:
                 continue
             if "stages" in update:
                 await self._switch(update)
-                continue
-            error = update["error"]
-            self.not_ready = f"the planner could not deploy the stages (it tries again): {error}" if error else STARTING
+            elif "error" in update:
+                error = update["error"]
+                self.not_ready = (f"the planner could not deploy the stages (it tries again): {error}" if error
+                                  else STARTING)
 
     async def _switch(self, update: dict) -> None:
         chain = ring_over(update["stages"])

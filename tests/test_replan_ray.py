@@ -3,6 +3,7 @@ one leaving in the middle of streamed generations too, and no stream is lost: ea
 HF's greedy output."""
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -17,8 +18,8 @@ serve = pytest.importorskip("ray.serve")
 NEW = 400
 
 
-@pytest.fixture()
-def cluster():
+def serving_cluster():
+    """A head node and one T4 node, with Serve started: (cluster, the proxy's URL)."""
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
@@ -34,6 +35,22 @@ def cluster():
         serve.shutdown()
         ray.shutdown()
         c.shutdown()
+
+
+@pytest.fixture()
+def cluster():
+    yield from serving_cluster()
+
+
+@pytest.fixture()
+def optimized_cluster(monkeypatch):
+    """In Serve's throughput-optimized mode, which `make serve` runs (deployments/simulated_cluster.py): the Ray
+    processes started here inherit it."""
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    first = free_port()
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(first))
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(first + 10))
+    yield from serving_cluster()
 
 
 def stream(url: str, prompt: str, started: threading.Event, out: dict) -> None:
@@ -111,3 +128,26 @@ def test_stages_beyond_the_gpus_of_their_type_are_refused_with_a_reason():
     assert unplaceable(["T4"] * 3, offered) == ("3 stage(s) need a GPU of accelerator_type 'T4', the alive nodes "
                                                 "offer 2 (GPUs by type: T4: 2)")
     assert "'V100', the alive nodes offer 0" in unplaceable(["T4", "V100"], offered)
+
+
+def stage_apps() -> list[str]:
+    return [name for name in serve.status().applications if name.startswith("llmpq-stages-")]
+
+
+def test_deleting_the_app_takes_its_stages_down_and_frees_their_gpus(optimized_cluster, demo_checkpoint):
+    """The planner's shutdown deletes the stage application, and that goes in seconds (the mode holds an ingress
+    replica open 30 s as it goes down, which would also stall every re-plan)."""
+    from deployments.app import build_app
+
+    router = serve.run(build_app({
+        "model": str(demo_checkpoint("llama")), "stages": [{"accelerator_type": "T4", "layers": [0, 3]}],
+        "prefill_micro_batch": 2, "decode_micro_batch": 2, "max_context": 128,
+        "workload": {"batch_size": 2, "prompt_len": 16, "gen_len": 16}}), name="llmpq", route_prefix="/")
+    wait_ready(router, 1)
+    assert len(stage_apps()) == 1 and ray.available_resources().get("GPU", 0) == 0
+
+    serve.delete("llmpq", _blocking=False)  # the router itself drains for 30 s: not waited for
+    deadline = time.monotonic() + 20
+    while stage_apps() or ray.available_resources().get("GPU", 0) < 1:
+        assert time.monotonic() < deadline, f"still up 20 s after the app's deletion: {stage_apps()}"
+        time.sleep(0.5)
