@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -279,8 +281,6 @@ class RayApp:
     DIRECT_PORTS = 50
 
     def __init__(self) -> None:
-        import os
-
         import ray
         from ray import serve
         from ray.cluster_utils import Cluster
@@ -373,17 +373,33 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="the stack's device")
     args = parser.parse_args()
-    if args.stack:
-        args.profiles = args.profiles or ROOT / "profiles"
-        cases, errors = run_stack(args)
-        workload = STACK_WORKLOAD
-    else:
-        cases, errors = run_demo(args)
-        workload = WORKLOAD
+    with stdout_to_stderr() if args.json else contextlib.nullcontext():
+        if args.stack:
+            args.profiles = args.profiles or ROOT / "profiles"
+            cases, errors = run_stack(args)
+            workload = STACK_WORKLOAD
+        else:
+            cases, errors = run_demo(args)
+            workload = WORKLOAD
     doc = {"workload": workload.model_dump(), "cases": cases,
            "median_abs_rel_error": round(statistics.median(errors), 3), "max_abs_rel_error": round(max(errors), 3)}
     print(json.dumps(doc) if args.json else json.dumps({k: v for k, v in doc.items() if k != "cases"}, indent=1))
     return 0
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Ray's driver prints its processes' errors on stdout (a "(raylet) Task ServeController.graceful_shutdown
+    failed" line as Serve went down once broke a --json document): with --json, stdout holds the document only."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
