@@ -1,6 +1,6 @@
-"""The planner actor on a live multi-node Ray cluster: a GPU node joining makes it re-plan and redeploy the stages,
-one leaving in the middle of streamed generations too, and no stream is lost: each goes on, uninterrupted, to exactly
-HF's greedy output."""
+"""The planner actor on a live multi-node Ray cluster, in Serve's throughput-optimized mode: a GPU node joining makes
+it re-plan and redeploy the stages, one leaving in the middle of streamed generations too, and no stream is lost:
+each goes on, uninterrupted, to exactly HF's greedy output. Deleting the app takes its stages down."""
 
 import threading
 import time
@@ -18,10 +18,16 @@ serve = pytest.importorskip("ray.serve")
 NEW = 400
 
 
-def serving_cluster():
-    """A head node and one T4 node, with Serve started: (cluster, the proxy's URL)."""
+@pytest.fixture()
+def cluster(monkeypatch):
+    """A head node and one T4 node, with Serve started in its throughput-optimized mode, which `make serve` runs
+    (deployments/simulated_cluster.py; the Ray processes started here inherit it): (cluster, the proxy's URL)."""
     from ray.cluster_utils import Cluster
 
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    first = free_port()
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(first))
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(first + 10))
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
         c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:T4": 1})
@@ -32,25 +38,9 @@ def serving_cluster():
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         yield c, f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        serve.shutdown()  # waits for the router, which as the direct ingress holds on for 30 s
         ray.shutdown()
         c.shutdown()
-
-
-@pytest.fixture()
-def cluster():
-    yield from serving_cluster()
-
-
-@pytest.fixture()
-def optimized_cluster(monkeypatch):
-    """In Serve's throughput-optimized mode, which `make serve` runs (deployments/simulated_cluster.py): the Ray
-    processes started here inherit it."""
-    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    first = free_port()
-    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(first))
-    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(first + 10))
-    yield from serving_cluster()
 
 
 def stream(url: str, prompt: str, started: threading.Event, out: dict) -> None:
@@ -134,7 +124,7 @@ def stage_apps() -> list[str]:
     return [name for name in serve.status().applications if name.startswith("llmpq-stages-")]
 
 
-def test_deleting_the_app_takes_its_stages_down_and_frees_their_gpus(optimized_cluster, demo_checkpoint):
+def test_deleting_the_app_takes_its_stages_down_and_frees_their_gpus(cluster, demo_checkpoint):
     """The planner's shutdown deletes the stage application, and that goes in seconds (the mode holds an ingress
     replica open 30 s as it goes down, which would also stall every re-plan)."""
     from deployments.app import build_app
