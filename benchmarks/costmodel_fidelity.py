@@ -285,11 +285,10 @@ class RayApp:
         from ray import serve
         from ray.cluster_utils import Cluster
 
+        from deployments.simulated_cluster import throughput_optimized_env
+
         self.direct_port = free_port()
-        # Ray processes inherit these: the router's own server binds the first free port of the range
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-        os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(self.direct_port)
-        os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(self.direct_port + self.DIRECT_PORTS)
+        os.environ.update(throughput_optimized_env(self.direct_port, self.DIRECT_PORTS))  # as `make serve` runs
         # no dashboard: its processes (~5% of a core here) serve no request, and would only take the stages' cores
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
         self.cluster.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:CPU": 2})

@@ -15,6 +15,16 @@ import subprocess
 import sys
 
 
+def throughput_optimized_env(direct_port: int, ports: int = 100) -> dict[str, str]:
+    """The environment of Serve's throughput-optimized mode, for the Ray processes to inherit: user code on the
+    replica's own event loop and gRPC between replicas cut what every request and every control call costs, which on
+    a small machine shows in tokens/s. The mode also gives the ingress replica (the router) an HTTP server of its own,
+    which load balancers (or Serve's HAProxy mode) reach without the proxy actor's extra hop; it binds the first free
+    port from `direct_port` to `direct_port + ports`, so that its port is known in advance."""
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(direct_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(direct_port + ports)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="Serve config file")
@@ -27,14 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # a plain `kill` must tear the cluster down too, not only Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    # Serve's throughput-optimized mode (user code on the replica's own event loop, gRPC between replicas): it cuts
-    # what every request and every control call costs, which on a small machine shows in tokens/s. Ray processes
-    # inherit it from this environment.
-    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    # That mode also gives the ingress replica (the router) an HTTP server of its own, which load balancers (or
-    # Serve's HAProxy mode) reach without the proxy actor's extra hop; pinning its port makes it known in advance.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(args.direct_port))
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(args.direct_port + 100))
+    for name, value in throughput_optimized_env(args.direct_port).items():  # Ray processes inherit them
+        os.environ.setdefault(name, value)
     cpus = os.cpu_count() or 2
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus})
     server = None

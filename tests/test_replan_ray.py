@@ -24,10 +24,10 @@ def cluster(monkeypatch):
     (deployments/simulated_cluster.py; the Ray processes started here inherit it): (cluster, the proxy's URL)."""
     from ray.cluster_utils import Cluster
 
-    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    first = free_port()
-    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(first))
-    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(first + 10))
+    from deployments.simulated_cluster import throughput_optimized_env
+
+    for name, value in throughput_optimized_env(free_port(), 10).items():
+        monkeypatch.setenv(name, value)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
         c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:T4": 1})
