@@ -426,6 +426,10 @@ def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
             path = demo_model.build(arch)
             if transport == "local" and arch not in held:
                 held[arch] = gil_held_share(path)
+            if transport == "ray" and ray_app is None:
+                ray_app = RayApp()
+                if bracket:  # a Ray case's layers are timed before and after it with the cluster up, both
+                    since_last_case.clear()
             if bracket:
                 model = ModelSpec.from_checkpoint(path)
                 shape = LayerShape.of(model)
@@ -434,7 +438,6 @@ def run_demo(args: argparse.Namespace) -> tuple[list[dict], list[float]]:
             if transport == "local":
                 meas = measure_local(path, stages, pmb, dmb, args.repeats)
             else:
-                ray_app = ray_app or RayApp()
                 meas = ray_app.measure(path, stages, pmb, dmb, args.repeats)
             drift = None
             if bracket:
