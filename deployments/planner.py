@@ -21,9 +21,8 @@ from ray.serve import Application
 from deployments.router import CONTROL_PLANE
 from deployments.stage import StageDeployment
 from llmpq_serve.config import ServeConfig
-from llmpq_serve.runtime.scheduler import slot_count
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec, default_quant_dir
-from llmpq_serve.spec import GPUSpec, accelerator_types
+from llmpq_serve.spec import GPUSpec, accelerator_types, slot_count
 
 logger = logging.getLogger("llmpq")
 
@@ -83,7 +82,8 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
         raise ValueError("the Ray cluster shows no GPUs with an accelerator_type; start nodes with --num-gpus and "
                          "--resources '{\"accelerator_type:<TYPE>\": 1}' (see the README), or give cluster: <yaml>")
     indicator = checkpoint_indicator(path, model.arch, quant, QuantCache(quant.cache_dir or default_quant_dir()))
-    problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator)
+    problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator,
+                      context=config.max_context)
     problem = problem.with_quality(quality_target(problem, config.theta, None, config.quality))
     result = plan(problem, config.method, time_limit=config.plan_time_limit)
     logger.info("plan:\n%s", result.table())

@@ -32,9 +32,9 @@ class CostConfig(BaseModel):
     # The LLM-PQ authors' memory model: 0.95 of capacity minus 1930 MiB of CUDA context and framework temporaries.
     memory_fraction: float = Field(default=0.95, gt=0, le=1)
     runtime_overhead_mib: float = Field(default=1930, ge=0)
-    kv_bytes: int = Field(default=2, description="bytes per KV-cache element (fp16)")
-    act_bytes: int = Field(default=2, description="bytes per activation element (fp16)")
-    float_bytes: int = Field(default=2, description="bytes per float weight, scale and zero (fp16 on GPU; 4 for a "
+    kv_bytes: int = Field(default=2, gt=0, description="bytes per KV-cache element (fp16)")
+    act_bytes: int = Field(default=2, gt=0, description="bytes per activation element (fp16)")
+    float_bytes: int = Field(default=2, gt=0, description="bytes per float weight, scale and zero (fp16 on GPU; 4 for a "
                                                     "CPU runtime in fp32)")
     intra_node_latency_s: float = 10e-6
     inter_node_latency_s: float = 50e-6
@@ -154,10 +154,10 @@ class CostModel:
         return hidden + scores + logits
 
     def embedding_bytes(self) -> int:
-        return self.model.embedding_params * 2
+        return self.model.embedding_params * self.config.float_bytes
 
     def head_bytes(self) -> int:
-        return self.model.head_params * 2
+        return self.model.head_params * self.config.float_bytes
 
     def usable_memory(self, gpu: GPUSpec) -> float:
         c = self.config

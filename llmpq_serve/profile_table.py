@@ -78,9 +78,9 @@ class ShapeTable(BaseModel):
         mbs, seqs, values = self._grids[(bits, phase)]
         m0, m1, wm = _bracket(mbs, micro_batch)
         s0, s1, ws = _bracket(seqs, seq)
-        low = values[(m0, s0)] * (1 - ws) + values[(m0, s1)] * ws
-        high = values[(m1, s0)] * (1 - ws) + values[(m1, s1)] * ws
-        return max(0.0, low * (1 - wm) + high * wm)
+        low = _lerp(values[(m0, s0)], values[(m0, s1)], ws)
+        high = _lerp(values[(m1, s0)], values[(m1, s1)], ws)
+        return max(0.0, _lerp(low, high, wm))
 
 
 def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
@@ -92,14 +92,25 @@ def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
     return lo, hi, (x - lo) / (hi - lo)
 
 
+def _lerp(v0: float, v1: float, w: float) -> float:
+    """v0 at w = 0, v1 at w = 1, linear between. Outside, the cell's slope goes on, but never one that makes a time
+    fall as the micro-batch or the length grows: an outer cell measured sloping down (noise) would extrapolate to
+    zero at large sizes, and the planner would flock there."""
+    if 0 <= w <= 1:
+        return v0 * (1 - w) + v1 * w
+    slope = max(0.0, v1 - v0)
+    return v1 + slope * (w - 1) if w > 1 else v0 + slope * w
+
+
 def _piecewise(points: list[tuple[int, float]], x: float) -> float | None:
-    """Piecewise-linear through (x, y) points (outside them: the outer segment, floored at 0); None if none."""
+    """Piecewise-linear through (x, y) points (outside them: the outer segment, never falling with x, floored at
+    0); None if none."""
     if not points:
         return None
     points = sorted(points)
     lo, hi, w = _bracket([p for p, _ in points], x)
     values = dict(points)
-    return max(0.0, values[lo] * (1 - w) + values[hi] * w)
+    return max(0.0, _lerp(values[lo], values[hi], w))
 
 
 class HeadPoint(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,11 @@ class Workload(BaseModel):
         return self.prompt_len + self.gen_len
 
 
+def slot_count(max_batch: int, decode_micro_batch: int) -> int:
+    """KV-cache slots for `max_batch` concurrent requests: whole groups of one decode micro-batch each."""
+    return math.ceil(max_batch / decode_micro_batch) * decode_micro_batch
+
+
 def accelerator_types(resources: dict[str, float]) -> list[str]:
     """The GPU types a Ray node's resources declare, as `accelerator_type:<TYPE>` keys."""
     return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
@@ -241,8 +247,11 @@ class ClusterSpec(BaseModel):
         devices = []
         for i, node in enumerate(nodes):
             name = node.name or f"node{i}"
-            devices += [DeviceSpec(id=f"{name}/{group.type}#{k}", node=name, gpu=group.type)
-                        for group in node.devices for k in range(group.count)]
+            numbered: dict[str, int] = {}  # a node may list one type in several groups
+            for group in node.devices:
+                for _ in range(group.count):
+                    k = numbered[group.type] = numbered.get(group.type, -1) + 1
+                    devices.append(DeviceSpec(id=f"{name}/{group.type}#{k}", node=name, gpu=group.type))
         return cls(name=file.name, devices=devices, inter_node_gbs=file.inter_node_gbs)
 
     @classmethod

@@ -108,6 +108,8 @@ def test_embedding_and_head_costs(tiny):
     t4 = GPUSpec.from_catalog("T4")
     assert cm.embedding_bytes() == 1000 * 512 * 2
     assert cm.head_bytes() == (1000 * 512 + 2 * 512) * 2
+    fp32 = CostModel(tiny, CostConfig(float_bytes=4))  # the CPU runtime keeps them in fp32
+    assert (fp32.embedding_bytes(), fp32.head_bytes()) == (2 * cm.embedding_bytes(), 2 * cm.head_bytes())
     expect = max(2 * 3 * tiny.head_params / (65e12 * 0.6), cm.head_bytes() / (320e9 * 0.8)) + 60e-6
     assert cm.head_time(t4, 3) == pytest.approx(expect)
     assert math.isclose(cm.embedding_time(t4, "decode", 3, 50), 2 * 3 * 512 * 2 / (320e9 * 0.8))

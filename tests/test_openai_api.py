@@ -131,7 +131,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None,
 
 async def test_completion(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     request = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "temperature": 0, "stop": "fox", "seed": 7,
-               "frequency_penalty": 0.5}  # which this server ignores, as it ignores all fields it does not know
+               "service_tier": "auto"}  # which this server ignores, as it ignores all fields it does not know
     response = await client.post("/v1/completions", json=request)
     assert response.status_code == 200
     body = response.json()
@@ -256,6 +256,21 @@ async def test_why_the_engine_is_not_there_is_said_to_the_client() -> None:
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, None, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, None,
      "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, None, "messages"),
+    # OpenAI's parameters that are not implemented here, set to ask for something
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, None, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, None, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, None, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, None, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 1.5}, 400, None, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"50256": -100}}, 400, None, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, None,
+     "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, None, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None, "tools"),
 ])
 async def test_invalid_requests(client: httpx.AsyncClient, engine: FakeEngine, path: str, body: dict, status: int,
                                 code: str | None, param: str) -> None:
@@ -263,6 +278,29 @@ async def test_invalid_requests(client: httpx.AsyncClient, engine: FakeEngine, p
     if "stream" not in body:
         assert_error(await client.post(path, json=body | {"stream": True}), status, code, param)
     assert engine.requests == []
+
+
+async def test_parameters_sent_as_null_or_asking_for_nothing_are_accepted(client: httpx.AsyncClient,
+                                                                          engine: FakeEngine) -> None:
+    """Some clients send every parameter, null or at its default where they mean nothing by it."""
+    nothing = {"n": None, "stream": None, "ignore_eos": None, "stop_token_ids": None, "echo": False, "logprobs": None,
+               "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "suffix": None}
+    response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2} | nothing)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == reply_text(engine, 2)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False, "tools": [],
+            "response_format": {"type": "text"}}
+    assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+
+
+async def test_chat_content_parts_and_the_developer_role(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """Text given as content parts is joined; `developer` is OpenAI's newer name of `system`."""
+    messages = [{"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]}]
+    response = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert response.status_code == 200, response.text
+    assert (engine.tokenizer.decode(engine.requests[0][0], skip_special_tokens=True)
+            == "system: be brief\nuser: hello\nthere\nassistant:")
 
 
 async def test_malformed_json_and_unknown_routes(client: httpx.AsyncClient) -> None:

@@ -97,6 +97,48 @@ def test_plan_rejects_gaps_in_the_layers(cases):
         Plan.model_validate(data)
 
 
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda d: d["stages"][1].update(device=d["stages"][0]["device"]), "several stages"),
+    (lambda d: d["stages"][0]["device"].update(id="elsewhere/T4#9"), "does not have"),
+    (lambda d: d.update(decode_micro_batch=0), "greater than 0"),
+    (lambda d: d.update(prefill_micro_batch=-3), "greater than 0"),
+    (lambda d: d["stages"][0]["bits"].__setitem__(0, 5), "bit-widths must be among"),
+    (lambda d: d["predicted"]["stages"].pop(), "stage predictions"),
+])
+def test_a_plan_read_back_is_checked_as_the_solvers_guarantee(cases, change, says):
+    """A plan file or /v1/plan's answer is user input to `Plan.load`: what no solver produces is refused."""
+    data = plan(_problem(cases["3"], theta=1.0), "llmpq").model_dump()
+    change(data)
+    with pytest.raises(ValueError, match=says):
+        Plan.model_validate(data)
+
+
+def test_the_kv_cache_is_planned_as_the_runtime_allocates_it():
+    """Every request's slot holds the server's whole context, and slots come in whole decode micro-batch groups;
+    a workload of shorter requests does not shrink the cache the stages allocate."""
+    import torch
+
+    from llmpq_serve.costmodel import CostConfig, CostModel
+    from llmpq_serve.runtime.kvcache import KVCache
+    from llmpq_serve.spec import slot_count
+
+    model = ModelSpec.from_catalog("opt-13b")
+    one = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 1}]})
+    workload = Workload(batch_size=16, prompt_len=64, gen_len=64)
+    cost = CostModel(model, CostConfig(profiles_dir=None))
+    problem = Problem(model, one, workload, cost=cost, context=512)
+    for mb_decode in (4, 6):  # 6 does not divide 16: 3 groups, 18 slots
+        cache = KVCache(1, slot_count(16, mb_decode), 512, model.kv_heads, model.head_dim,
+                        dtype=torch.float16, device="meta")
+        assert problem.layer_memory(16, mb_decode) - cost.layer_weight_bytes(16) == cache.nbytes()
+    with pytest.raises(ValueError, match="a context of 100 tokens must hold"):
+        Problem(model, one, workload, cost=cost, context=100)
+    # a context that the workload fits in but the cluster does not: the plan says so, it does not OOM at deploy
+    with pytest.raises(InfeasibleError, match="batch 64 x 2048 tokens"):
+        plan(Problem(model, one, Workload(batch_size=64, prompt_len=64, gen_len=64), cost=cost, context=2048),
+             "llmpq")
+
+
 def test_model_too_big_names_devices_and_missing_gib():
     problem = roofline_problem(ModelSpec.from_catalog("bloom-176b"),
                       ClusterSpec.from_dict({"devices": [{"type": "T4", "count": 2}]}), Workload())

@@ -67,6 +67,22 @@ def test_monotone_between_points_and_linear_beyond():
     assert table.interpolate(16, "prefill", 7, 512) == pytest.approx(8.0 + 3 * (8.0 - 3.0) / 3)
 
 
+def test_beyond_the_grid_a_time_never_falls_as_the_sizes_grow():
+    """An outer cell measured sloping down (noise) must not extrapolate towards zero; one sloping up goes on."""
+    model = ModelSpec.from_catalog("opt-13b")
+    grid = {(1, 128): 1.0, (1, 512): 0.8, (4, 128): 2.0, (4, 512): 1.5}
+    points = [ProfilePoint(bits=16, phase="decode", micro_batch=m, seq=s, median_s=v) for (m, s), v in grid.items()]
+    table = ShapeTable(shape=LayerShape.of(model), points=points)
+    assert table.interpolate(16, "decode", 4, 512) == 1.5  # still exact at the grid's points
+    along_seq = [table.interpolate(16, "decode", 4, s) for s in (512, 2048, 8192, 32768)]
+    assert along_seq == [1.5] * 4
+    along_batch = [table.interpolate(16, "decode", m, 512) for m in (4, 16, 64)]
+    assert along_batch == sorted(along_batch) and along_batch[-1] > 1.5
+    # below the grid: the upward cell's slope goes on down, the downward one's does not climb
+    assert table.interpolate(16, "decode", 4, 64) == pytest.approx(2.0)
+    assert table.interpolate(16, "decode", 0.5, 128) < 1.0
+
+
 def test_non_rectangular_grid_is_rejected():
     model = ModelSpec.from_catalog("opt-13b")
     points = [ProfilePoint(bits=16, phase="decode", micro_batch=1, seq=128, median_s=1.0),

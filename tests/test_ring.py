@@ -3,6 +3,7 @@ TCP links. Its output equals the in-process transport's, a stage that fails a mi
 requests, and messages keep their dtype, shape and metadata."""
 
 import asyncio
+import datetime
 import socket
 import threading
 import time
@@ -14,7 +15,8 @@ from llmpq_serve.runtime import ring
 from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.local import StageRunner, even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
-from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, SchedulerOptions, slot_count
+from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, SchedulerOptions
+from llmpq_serve.spec import slot_count
 from tests.conftest import StubTokenizer
 from tests.test_runtime import PROMPTS, run_all
 
@@ -185,6 +187,39 @@ def test_a_closed_link_fails_the_neighbour_instead_of_hanging():
             links[0].send({}, torch.zeros(1024))
     for link in (links[0], links[2]):
         link.close()
+
+
+def test_a_ring_whose_stages_cannot_join_leaves_no_connect_waiting(monkeypatch):
+    """The router's side of a ring waits for its stages in a thread; when they cannot join (a stage is gone), that
+    thread gives up at once instead of holding a port and an executor thread for CONNECT_TIMEOUT, try after try."""
+    ended = []
+
+    def connect(*args):
+        try:
+            return real_connect(*args)
+        except ConnectionAbortedError as e:
+            ended.append(e)
+            raise
+
+    real_connect = ring.connect
+    monkeypatch.setattr(ring, "connect", connect)
+    monkeypatch.setattr(ring, "CONNECT_TIMEOUT", datetime.timedelta(seconds=5))  # how long one that waits holds on
+
+    async def join(host, port):
+        raise RuntimeError("stage 1 is gone")
+
+    async def go():
+        chain = ring.RingChain(2, HOST, join)
+        for _ in range(3):
+            with pytest.raises(ring.RingDownError, match="stage 1 is gone"):
+                await chain.forward(RowsSpec([0], [0], [1]), torch.zeros(1, dtype=torch.long))
+        for _ in range(200):
+            if len(ended) == 3:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(go(), timeout=60))
+    assert len(ended) == 3
 
 
 def serve_stage(path, spec, slots, max_seq, host, port):

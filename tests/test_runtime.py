@@ -10,7 +10,7 @@ import torch
 from llmpq_serve.runtime.kvcache import CacheFullError, SlotPool
 from llmpq_serve.runtime.local import even_stages, local_engine
 from llmpq_serve.runtime.sampling import SamplingParams
-from llmpq_serve.runtime.scheduler import Scheduler, SchedulerOptions
+from llmpq_serve.runtime.scheduler import ChainLostError, Scheduler, SchedulerOptions
 from tests.conftest import StubTokenizer
 
 PROMPTS = ["def main():\n", "import os\nimport sys\n\nclass Parser(object):\n    def", "x = 1", "for i in range(10):"]
@@ -409,3 +409,85 @@ def test_the_serve_config_hands_every_scheduling_option_to_the_scheduler():
     assert config.scheduling() == SchedulerOptions(max_queue=7, mixed_steps=True, recovery_s=9.0, prefill_chunk=3,
                                                    prefill_wait_s=0.012)
     assert ServeConfig(model="m").scheduling().prefill_wait_s == pytest.approx(0.005)
+
+
+class FlakyChain:
+    """A 1-stage chain of 10 ms micro-batches answering zeros; `nan_decode_steps` of its first decode steps answer
+    NaN instead, and its first prefill of more than one token fails as a lost chain when `lose_a_prefill`."""
+
+    def __init__(self, nan_decode_steps: int = 0, lose_a_prefill: bool = False):
+        self.stages, self.busy_s = 1, [0.0]
+        self.nan_decode_steps, self.lose_a_prefill = nan_decode_steps, lose_a_prefill
+
+    async def forward(self, rows, x):
+        await asyncio.sleep(0.01)
+        if self.lose_a_prefill and max(rows.counts) > 1:
+            self.lose_a_prefill = False
+            raise ChainLostError("the stage ring is down")
+        if rows.decode and self.nan_decode_steps:
+            self.nan_decode_steps -= 1
+            return torch.full((len(rows.counts), 8), float("nan"))
+        return torch.zeros(len(rows.counts), 8)
+
+
+async def finish(req) -> BaseException | None:
+    """Waits for the request's end: its error, or None once it finished."""
+    while True:
+        event = await asyncio.wait_for(req.events.get(), 30)
+        if isinstance(event, BaseException):
+            return event
+        if event.finish_reason is not None:
+            return None
+
+
+def test_logits_no_token_can_be_drawn_from_fail_their_requests_and_the_group_goes_on():
+    """A decode step whose logits are NaN fails its requests with the error; the group's loop, which sampled them,
+    lives on and serves the next request in the same slot."""
+    async def go():
+        scheduler = scheduler_over(FlakyChain(nan_decode_steps=1), 1, 1, 1)
+        first = scheduler.submit([1, 2], SamplingParams(max_tokens=4, ignore_eos=True, seed=0))
+        error = await finish(first)
+        second = scheduler.submit([1, 2], SamplingParams(max_tokens=4, ignore_eos=True, seed=0))
+        try:
+            return error, await finish(second), scheduler.pool.free
+        finally:
+            await scheduler.stop()
+
+    error, second, free = asyncio.run(go())
+    assert isinstance(error, RuntimeError) and second is None and free == 1
+
+
+def test_a_step_that_gets_through_during_a_recovery_strands_no_lost_request():
+    """The chain drops one prefill micro-batch and comes straight back: a decode step of another request gets
+    through while the recovery waits, and the lost request is still prefilled again and finishes."""
+    async def go():
+        scheduler = scheduler_over(FlakyChain(lose_a_prefill=True), 1, 1, 2)
+        decoding = scheduler.submit([1], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+        await decoding.events.get()
+        lost = scheduler.submit([1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        try:
+            return await finish(lost), await finish(decoding), scheduler.pool.free
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(go()) == (None, None, 2)
+
+
+def test_a_switch_to_fewer_slots_finishes_a_cancelled_request_in_a_slot_the_new_pool_lacks():
+    """A client left while its request held slot 7; the re-plan's new pool has 6 slots. The others go on."""
+    async def go():
+        scheduler = scheduler_over(FlakyChain(), 1, 4, 6)  # 2 groups of 4: 8 slots
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        reqs = [scheduler.submit([1, 2, 3], params) for _ in range(8)]
+        for req in reqs:
+            await req.events.get()
+        gone = next(r for r in reqs if r.slot == 7)
+        scheduler.cancel(gone)
+        await scheduler.switch(FlakyChain(), 1, 2, 6)  # 3 groups of 2: 6 slots
+        try:
+            return [await finish(r) for r in reqs if r is not gone], scheduler.pool.free, scheduler.pool.slots
+        finally:
+            await scheduler.stop()
+
+    errors, free, slots = asyncio.run(go())
+    assert errors == [None] * 7 and free == slots == 6

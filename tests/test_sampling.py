@@ -29,6 +29,20 @@ def test_top_k_one_and_tiny_top_p_are_greedy(temperature):
         assert sample(logits, ps, [make_generator(p) for p in ps]) == greedy
 
 
+@pytest.mark.parametrize("kw", [{"temperature": 1e-39}, {"top_p": 1e-300}, {"temperature": 1e-30, "top_p": 1e-300}])
+def test_extreme_temperature_and_top_p_are_greedy_not_an_error(kw):
+    """Values a request may send that overflow or underflow in float32: without the care taken, inf/NaN
+    probabilities or an all-masked row, on which torch.multinomial raises."""
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(5)) * 30
+    ps = [SamplingParams(seed=i, **kw) for i in range(8)]
+    assert sample(logits, ps, [make_generator(p) for p in ps]) == logits.argmax(-1).tolist()
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_it_all():
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    assert set(draws(logits, 500, top_k=2**70).tolist()) == {0, 1, 2}
+
+
 def test_seeded_sampling_is_reproducible_and_batch_invariant():
     torch.manual_seed(3)
     mine = SamplingParams(temperature=1.5, top_p=0.9, top_k=40, seed=42)

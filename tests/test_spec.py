@@ -73,6 +73,12 @@ def test_cluster_yaml_both_forms(tmp_path):
     assert len({d.node for d in short.devices}) == 2 and c.summary() == "2xT4 + 1xA10 + 1xV100-SXM2-32GB"
 
 
+def test_a_node_may_list_one_type_in_several_groups():
+    c = ClusterSpec.from_dict({"nodes": [{"name": "n", "devices": [{"type": "T4"}, {"type": "A10"},
+                                                                    {"type": "T4", "count": 2}]}]})
+    assert [d.id for d in c.devices] == ["n/T4#0", "n/A10#0", "n/T4#1", "n/T4#2"]
+
+
 def test_cluster_file_mistakes_are_errors_that_name_them():
     """A cluster file is user input: every mistake is a ValueError (the CLI prints it) saying where, never a
     KeyError from deep inside."""

@@ -126,7 +126,7 @@ def add_pipeline(lp: pulp.LpProblem, problem: Problem, slots: list[StageSlot],
             compute = pulp.lpSum(problem.layer_time(gpu, b, phase, mb) / ref * c for b, c in count.items())
             lp += t >= compute + problem.stage_fixed_time(gpu, phase, mb, slot.first, slot.last) / ref
             times[phase].append(t)
-        mem = pulp.lpSum(problem.layer_memory(b) / GiB * c for b, c in count.items())
+        mem = pulp.lpSum(problem.layer_memory(b, mb_decode) / GiB * c for b, c in count.items())
         fixed = problem.stage_fixed_memory(mb_prefill or 1, mb_decode or 1, slot.first, slot.last) / GiB
         lp += mem <= problem.usable_memory(gpu) / GiB - fixed, f"memory_{j}"
     if problem.quality.budget is not None and not isinstance(quality, (int, float)):

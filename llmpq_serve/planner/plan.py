@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from llmpq_serve.costmodel import SUPPORTED_BITS
 from llmpq_serve.spec import ClusterSpec, DeviceSpec, ModelSpec, Workload
 
 GiB = 1024**3
@@ -31,6 +32,9 @@ class StagePlan(BaseModel):
         start, end = self.layers
         if not 0 <= start < end or len(self.bits) != end - start:
             raise ValueError(f"stage on {self.device.id}: layers {self.layers} and {len(self.bits)} bit-widths")
+        if any(b not in SUPPORTED_BITS for b in self.bits):
+            raise ValueError(f"stage on {self.device.id}: bit-widths must be among {SUPPORTED_BITS}, got "
+                             f"{sorted(set(self.bits) - set(SUPPORTED_BITS))}")
         return self
 
 
@@ -73,13 +77,21 @@ class Plan(BaseModel):
                     "runtime's, if any), 'roofline' or 'roofline, efficiencies fitted on <types>' (naming the same of the "
                     "tables fitted on)")
     stages: list[StagePlan]
-    prefill_micro_batch: int
-    decode_micro_batch: int
+    prefill_micro_batch: int = Field(gt=0)
+    decode_micro_batch: int = Field(gt=0)
     predicted: Predicted
     solver: SolverStats
 
     @model_validator(mode="after")
-    def _layers_cover_model(self) -> Plan:
+    def _consistent(self) -> Plan:
+        """What the solvers guarantee, checked again for a plan read from a file."""
+        ids = [s.device.id for s in self.stages]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a device holds several stages: {ids}")
+        if unknown := set(ids) - {d.id for d in self.cluster.devices}:
+            raise ValueError(f"stages on devices the cluster does not have: {sorted(unknown)}")
+        if len(self.predicted.stages) != len(self.stages):
+            raise ValueError(f"{len(self.stages)} stages but {len(self.predicted.stages)} stage predictions")
         expected = 0
         for stage in self.stages:
             if stage.layers[0] != expected:

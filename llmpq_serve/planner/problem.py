@@ -12,7 +12,7 @@ from functools import cached_property
 from llmpq_serve.costmodel import SUPPORTED_BITS, CostModel, Phase
 from llmpq_serve.indicator import Indicator
 from llmpq_serve.planner.plan import Predicted, QualityTarget, StagePrediction
-from llmpq_serve.spec import ClusterSpec, DeviceSpec, ModelSpec, Workload
+from llmpq_serve.spec import ClusterSpec, DeviceSpec, ModelSpec, Workload, slot_count
 
 GiB = 1024**3
 
@@ -37,7 +37,10 @@ class DeviceClass:
 class Problem:
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, workload: Workload, *,
                  cost: CostModel | None = None, indicator: Indicator | None = None,
-                 quality: QualityTarget | None = None, bits: tuple[int, ...] = SUPPORTED_BITS):
+                 quality: QualityTarget | None = None, bits: tuple[int, ...] = SUPPORTED_BITS,
+                 context: int | None = None):
+        """`context`: the tokens every request's KV-cache slot holds, as the runtime allocates them up front (a
+        server's `max_context`); by default the workload's prompt + output."""
         if any(b not in SUPPORTED_BITS for b in bits):
             raise ValueError(f"bit-widths must be among {SUPPORTED_BITS}, got {bits}")
         self.model, self.cluster, self.workload = model, cluster, workload
@@ -53,6 +56,10 @@ class Problem:
         if workload.max_len > model.max_pos:
             raise ValueError(f"prompt {workload.prompt_len} + output {workload.gen_len} tokens exceed the model's "
                              f"context of {model.max_pos}")
+        self.context = context or workload.max_len
+        if not workload.max_len <= self.context <= model.max_pos:
+            raise ValueError(f"a context of {self.context} tokens must hold the workload's prompt {workload.prompt_len} "
+                             f"+ output {workload.gen_len} tokens and stay within the model's {model.max_pos}")
 
     def with_quality(self, quality: QualityTarget) -> Problem:
         """The same problem under another quality target (cost tables are shared, not recomputed)."""
@@ -96,9 +103,11 @@ class Problem:
     def cluster_gpu(self, gpu: str):
         return next(d.spec for d in self.cluster.devices if d.gpu == gpu)
 
-    def layer_memory(self, bits: int) -> float:
-        w = self.workload
-        return self.cost.layer_weight_bytes(bits) + self.cost.layer_kv_bytes(w.batch_size, w.max_len)
+    def layer_memory(self, bits: int, mb_decode: int | None = None) -> float:
+        """Weights and KV cache of one layer. The runtime holds the cache in whole groups of `mb_decode` slots, so a
+        micro-batch that does not divide the batch holds more; without one, the batch's own slots (a lower bound)."""
+        slots = self.workload.batch_size if mb_decode is None else slot_count(self.workload.batch_size, mb_decode)
+        return self.cost.layer_weight_bytes(bits) + self.cost.layer_kv_bytes(slots, self.context)
 
     def stage_fixed_time(self, gpu: str, phase: Phase, micro_batch: int, first: bool, last: bool) -> float:
         spec, seq = self.cluster_gpu(gpu), self.workload.prompt_len
@@ -110,7 +119,7 @@ class Problem:
     def stage_fixed_memory(self, mb_prefill: int, mb_decode: int, first: bool, last: bool) -> float:
         w = self.workload
         act = max(self.cost.activation_peak_bytes("prefill", mb_prefill, w.prompt_len, last),
-                  self.cost.activation_peak_bytes("decode", mb_decode, w.max_len, last))
+                  self.cost.activation_peak_bytes("decode", mb_decode, self.context, last))
         return act + (self.cost.embedding_bytes() if first else 0) + (self.cost.head_bytes() if last else 0)
 
     def usable_memory(self, gpu: str) -> float:
@@ -172,7 +181,7 @@ class Problem:
                 compute += self.stage_fixed_time(dev.gpu, phase, mb, first, last)
                 send = 0.0 if last else self.send_time(dev, devices[j + 1], phase, mb)
                 t[phase] = max(compute, send)  # sends overlap compute of the next micro-batch
-            mem = sum(self.layer_memory(b) for b in stage_bits)
+            mem = sum(self.layer_memory(b, mb_decode) for b in stage_bits)
             mem += self.stage_fixed_memory(mb_prefill, mb_decode, first, last)
             limit = self.usable_memory(dev.gpu)
             if mem > limit:

@@ -374,7 +374,7 @@ def infeasibility_report(problem: Problem, rules: Rules) -> str:
                          f"(usable {problem.usable_memory(d.gpu) / gib:.2f} GiB, embeddings/activations "
                          f"{fixed / gib:.2f} GiB)")
     w, m = problem.workload, problem.model
-    where = (f"{m.name} on {problem.cluster.summary()} for batch {w.batch_size} x {w.max_len} tokens: at {low} bits "
+    where = (f"{m.name} on {problem.cluster.summary()} for batch {w.batch_size} x {problem.context} tokens: at {low} bits "
              f"a layer needs {per_layer / gib:.2f} GiB (weights + KV cache)")
     if capacity < m.layers or lines:
         short = max(0, m.layers - capacity) * per_layer

@@ -11,10 +11,11 @@ import torch
 
 from llmpq_serve.runtime.engine import PipelineEngine
 from llmpq_serve.runtime.layers import Rows
-from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, SchedulerOptions, slot_count
+from llmpq_serve.runtime.scheduler import RowsSpec, Scheduler, SchedulerOptions
 from llmpq_serve.runtime.shard import QuantOptions, StageShard, StageSpec
 from llmpq_serve.runtime.threads import ThreadCount
 from llmpq_serve.runtime.transfer import to_host
+from llmpq_serve.spec import slot_count
 
 
 def stage_specs(plan) -> list[StageSpec]:

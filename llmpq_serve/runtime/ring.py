@@ -96,26 +96,62 @@ class Links:
             sock.close()
 
 
-def connect(host: str, port: int, rank: int, world: int) -> Links:
+def connect(host: str, port: int, rank: int, world: int, cancelled: threading.Event | None = None) -> Links:
     """This process's links in a ring of `world` ranks whose rank 0 serves the rendezvous store on host:port: each
     rank listens, publishes its address, connects to the next rank and accepts the previous one. Blocks until both
-    links are up."""
+    links are up, or until `cancelled` is set: the caller gave up on this ring (its stages could not join), and a
+    thread left waiting out CONNECT_TIMEOUT would hold a port and an executor thread for each such try."""
     store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=CONNECT_TIMEOUT, wait_for_workers=False)
     timeout = CONNECT_TIMEOUT.total_seconds()
+    waiting = _Wait(cancelled, time.monotonic() + timeout)
     with _listener() as listener:
-        listener.settimeout(timeout)
+        listener.settimeout(_POLL_S)
         store.set(f"ring/{rank}", f"{_address_toward(host)}:{listener.getsockname()[1]}")
-        peer_host, peer_port = store.get(f"ring/{(rank + 1) % world}").decode().rsplit(":", 1)
+        peer = f"ring/{(rank + 1) % world}"
+        waiting.until(lambda: store.check([peer]), f"rank {(rank + 1) % world} to publish its address")
+        peer_host, peer_port = store.get(peer).decode().rsplit(":", 1)
         outbound = socket.create_connection((peer_host, int(peer_port)), timeout=timeout)
-        outbound.sendall(_RANK.pack(rank))
-        inbound, _ = listener.accept()
-    inbound.settimeout(timeout)
-    (prev,) = _RANK.unpack(_read(inbound, _RANK.size))
+        try:
+            outbound.sendall(_RANK.pack(rank))
+            inbound = waiting.until(lambda: _accept(listener), f"rank {(rank - 1) % world} to connect")
+            inbound.settimeout(timeout)
+            (prev,) = _RANK.unpack(_read(inbound, _RANK.size))
+        except BaseException:
+            outbound.close()
+            raise
     if prev != (rank - 1) % world:
+        for sock in (inbound, outbound):
+            sock.close()
         raise ConnectionError(f"rank {rank} was reached by rank {prev}, not by its previous rank {(rank - 1) % world}")
     for sock in (inbound, outbound):
         _tune(sock)
     return Links(store, inbound, outbound)
+
+
+_POLL_S = 0.01  # how soon a connect that waits for a neighbour notices it was cancelled
+
+
+class _Wait:
+    def __init__(self, cancelled: threading.Event | None, deadline: float):
+        self.cancelled, self.deadline = cancelled, deadline
+
+    def until(self, ready: Callable[[], Any], what: str) -> Any:
+        """`ready()`'s first true value, polled every _POLL_S."""
+        while not (value := ready()):
+            if self.cancelled is not None and self.cancelled.is_set():
+                raise ConnectionAbortedError(f"stopped waiting for {what}: the ring is no longer wanted")
+            if time.monotonic() > self.deadline:
+                raise TimeoutError(f"waited {CONNECT_TIMEOUT} for {what}")
+            time.sleep(_POLL_S)
+        return value
+
+
+def _accept(listener: socket.socket) -> socket.socket | None:
+    """The next connection to `listener`, or None if none came within its timeout."""
+    try:
+        return listener.accept()[0]
+    except TimeoutError:
+        return None
 
 
 def _tune(sock: socket.socket) -> None:
@@ -256,9 +292,16 @@ class RingChain:
 
     async def _open(self) -> _Link:
         port = free_port(self._host)
-        opened = asyncio.get_running_loop().run_in_executor(None, connect, self._host, port, 0, self.stages + 1)
-        await asyncio.wait_for(self._join(self._host, port), JOIN_TIMEOUT_S)
-        return _Link(await opened, self.stages, self.busy_s)
+        cancelled = threading.Event()
+        opened = asyncio.get_running_loop().run_in_executor(None, connect, self._host, port, 0, self.stages + 1,
+                                                            cancelled)
+        try:
+            await asyncio.wait_for(self._join(self._host, port), JOIN_TIMEOUT_S)
+            return _Link(await opened, self.stages, self.busy_s)
+        except BaseException:
+            cancelled.set()
+            opened.add_done_callback(_close_unused)  # links that came up after all belong to no ring
+            raise
 
     def close(self) -> None:
         """Drop the open ring: the stages' loops see their links close and stop."""
@@ -266,6 +309,11 @@ class RingChain:
             self._link.result().close()
         elif self._link is not None:
             self._link.cancel()
+
+
+def _close_unused(opened: asyncio.Future) -> None:
+    if not opened.cancelled() and opened.exception() is None:
+        opened.result().close()
 
 
 class _Link:

@@ -41,18 +41,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     # every op below works along a row, so a row's result does not depend on its batch mates
     ps = [params[i] for i in rows]
     dev = x.device
+    vocab = x.shape[-1]
     temp = torch.tensor([p.temperature for p in ps], device=dev)
-    top_k = torch.tensor([p.top_k or x.shape[-1] for p in ps], device=dev)
+    top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in ps], device=dev)  # a huge top_k overflows int64
     top_p = torch.tensor([p.top_p for p in ps], device=dev)
+    # the row's best logit is 0 before scaling, so a tiny temperature sends the others to -inf, never all to inf;
     # stable sort so equal logits keep a fixed order and top-k cuts between ties deterministically
-    scaled, order = (x[rows] / temp[:, None]).sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(x.shape[-1], device=dev)
+    best = x[rows].max(-1, keepdim=True).values
+    scaled, order = ((x[rows] - best) / temp[:, None]).sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=dev)
     scaled = scaled.masked_fill(rank >= top_k[:, None], float("-inf"))
     probs = scaled.softmax(-1)
-    # keep a token while the mass before it is still short of top_p: the smallest set reaching top_p, never empty;
-    # top_p == 1 skips the cut so float rounding in cumsum cannot drop tail tokens
-    short = probs.cumsum(-1) - probs < top_p[:, None]
-    probs = probs.masked_fill(~(short | (top_p[:, None] >= 1)), 0.0)
+    # keep a token while the mass before it is still short of top_p: the smallest set reaching top_p, never empty
+    # (the first token stays even where top_p underflows to 0); top_p == 1 skips the cut so float rounding in cumsum
+    # cannot drop tail tokens
+    keep = (probs.cumsum(-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1) | (rank == 0)
+    probs = probs.masked_fill(~keep, 0.0)
     # the generators live on the CPU, and multinomial needs its input on the generator's device
     probs, order = probs.cpu(), order.cpu()
     for j, i in enumerate(rows):

@@ -39,6 +39,7 @@ import torch
 
 from llmpq_serve.runtime.kvcache import SlotPool
 from llmpq_serve.runtime.sampling import Detokenizer, SamplingParams, make_generator, sample
+from llmpq_serve.spec import slot_count
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,6 @@ class SchedulerOptions:
     prefill_wait_s: float = 0.0  # how long a partial standalone prefill micro-batch may wait to fill
 
 
-def slot_count(max_batch: int, decode_micro_batch: int) -> int:
-    """KV-cache slots for `max_batch` concurrent requests: whole groups of one decode micro-batch each."""
-    return math.ceil(max_batch / decode_micro_batch) * decode_micro_batch
-
-
 class Scheduler:
     def __init__(self, chain: StageChain, tokenizer, prefill_micro_batch: int, decode_micro_batch: int,
                  groups: int, max_seq: int, options: SchedulerOptions = SchedulerOptions()):
@@ -193,10 +189,11 @@ class Scheduler:
         pmb = prefill_micro_batch or self.prefill_mb
         dmb = decode_micro_batch or self.decode_mb
         groups = slot_count(max_batch, dmb) // dmb if max_batch else self.pool.slots // dmb or 1
-        self._use(chain, pmb, dmb, groups)
-        started = 0
+        # cancelled requests go with the old pool, whose slots they hold: the new one may have fewer
         for req in [r for r in self.live.values() if r.cancelled]:
             self._finish(req)
+        self._use(chain, pmb, dmb, groups)
+        started = 0
         for req in self.live.values():
             started += req.slot >= 0
             req.slot, req.length = -1, 0
@@ -268,7 +265,10 @@ class Scheduler:
         """Every live request again, from its prompt and tokens, on the chain as it is now (a transport reopens a
         broken chain on its next micro-batch); until `recovery_s` has passed, then they fail."""
         await asyncio.sleep(0.5)  # the other micro-batches of the broken chain fail meanwhile
-        if time.monotonic() - self._lost_since <= self.options.recovery_s:
+        # a step that got through meanwhile (the transport reopened the chain) has reset `_lost_since`; the requests
+        # whose micro-batches were lost still need the switch to go on
+        lost_since = self._lost_since
+        if lost_since is None or time.monotonic() - lost_since <= self.options.recovery_s:
             await self.switch(self.chain)
             return
         await self.stop()
@@ -343,8 +343,11 @@ class Scheduler:
                 self._group_wake[group].clear()
                 await self._group_wake[group].wait()
                 continue
-            await self._step(sorted(members.values(), key=lambda r: r.slot),
-                             [(r, len(r.context) - r.length) for r in fresh])
+            if not await self._step(sorted(members.values(), key=lambda r: r.slot),
+                                    [(r, len(r.context) - r.length) for r in fresh]):
+                # the recovery restarts every loop once it has moved the requests on; retrying here at once would
+                # only open the lost chain again and again
+                return
 
     async def _prefill(self, batch: list[Request]) -> None:
         """The prefill of `batch` on its own micro-batches: whole prompts in one, or with `prefill_chunk` that many
@@ -390,7 +393,11 @@ class Scheduler:
             r.length += len(p)
         ready = [i for i, r in enumerate(step) if i < len(decode) or r.length == len(r.context)]
         prefilled = [step[i] for i in ready if i >= len(decode)]
-        self._emit([step[i] for i in ready], logits if len(ready) == len(step) else logits[ready])
+        try:
+            self._emit([step[i] for i in ready], logits if len(ready) == len(step) else logits[ready])
+        except Exception as e:  # noqa: BLE001 - logits no token can be drawn from (NaN): fail these, not the loop
+            self._fail(step, e)
+            return True
         for r in prefilled:
             if not r.done:
                 g = self.pool.group_of(r.slot)

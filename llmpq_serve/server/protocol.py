@@ -1,16 +1,23 @@
 """OpenAI's wire format for /v1/completions and /v1/chat/completions: requests, responses, stream chunks, errors.
 
-Request models ignore fields they do not know (pydantic's default), as OpenAI clients send many."""
+Request models ignore fields they do not know (pydantic's default), as OpenAI clients send many. OpenAI's own
+parameters that this server does not implement are refused when they ask for something (`echo`, `logprobs`,
+penalties, tools, ...): an answer computed without them would look right and be wrong (a log-likelihood scorer
+reading `logprobs` would get nulls)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter, ValidationInfo, field_validator
 
 from llmpq_serve.runtime.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
+NOT_IMPLEMENTED = ("echo", "suffix", "best_of", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+                   "logit_bias", "tools", "functions", "response_format")
+# what a not-implemented parameter may be set to besides null, false, 0 and empty: values that ask for nothing
+_ASKS_NOTHING = {"best_of": 1, "response_format": {"type": "text"}}
 
 
 def _one_prompt(value: Any) -> Any:
@@ -44,6 +51,31 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    tools: Any = None
+    functions: Any = None
+    response_format: Any = None
+
+    @field_validator(*NOT_IMPLEMENTED)
+    @classmethod
+    def _asks_nothing(cls, value: Any, info: ValidationInfo) -> Any:
+        if value in (None, False, 0, "", [], {}) or value == _ASKS_NOTHING.get(info.field_name):
+            return value
+        raise ValueError(f"{info.field_name} is not supported by this server; leave it out")
+
+    @field_validator("n", "stream", "ignore_eos", "stop_token_ids", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:  # some clients send every parameter, null where they mean the default
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -75,9 +107,34 @@ class CompletionRequest(GenerationRequest):
     max_tokens: int | None = Field(16, ge=1, description="null: as many as the context leaves")
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
+    """A message of the conversation; content given as parts (text only here) is joined into one text."""
+
     role: Literal["system", "user", "assistant"]
     content: str
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _developer_is_system(cls, value: Any) -> Any:
+        return "system" if value == "developer" else value  # OpenAI's newer name for system messages
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _joined_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            other = [p.get("type") for p in value if isinstance(p, dict) and p.get("type") != "text"]
+            if other:
+                raise ValueError(f"only text content parts are supported, not {other[0]!r}")
+            return "\n".join(part.text for part in _TEXT_PARTS.validate_python(value))
+        return value
+
+
+_TEXT_PARTS = TypeAdapter(list[TextPart])
 
 
 class ChatCompletionRequest(GenerationRequest):
