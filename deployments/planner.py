@@ -61,8 +61,15 @@ def stage_app(config: ServeConfig, path: str, quant: QuantOptions, stages: list[
 def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tuple[str, StageSpec]], int, int, dict]:
     """((accelerator type, stage) per stage, prefill micro-batch, decode micro-batch, the plan as JSON)."""
     if config.stages is not None:
+        from llmpq_serve.spec import ModelSpec
+
+        model = ModelSpec.from_checkpoint(path)
         specs = StageSpec.chain([(s.layers[0], s.layers[1], s.bits or [16] * (s.layers[1] - s.layers[0]))
                                  for s in config.stages])
+        if specs[-1].end != model.layers:
+            raise ValueError(f"the fixed stages end at layer {specs[-1].end}, the model has {model.layers} layers")
+        if config.max_context > model.max_pos:
+            raise ValueError(f"max_context {config.max_context} exceeds the model's {model.max_pos} positions")
         stages = [(s.accelerator_type, spec) for s, spec in zip(config.stages, specs)]
         doc = {"fixed": [s.model_dump() for s in config.stages], "prefill_micro_batch": config.prefill_micro_batch,
                "decode_micro_batch": config.decode_micro_batch}
@@ -143,16 +150,20 @@ class Planner:
         self._changed = asyncio.Condition()
         self._watcher = asyncio.get_event_loop().create_task(self._watch())
 
-    async def next_stages(self, after: int, error_seen: str | None = None) -> dict:
-        """Waits for a deployment newer than generation `after` and returns it: {"generation", "stages" (handles in
-        pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"}; or, first, for the planner's error
-        to differ from `error_seen`, and returns {"error": the error or None}; or, after STAGES_POLL_S with
-        neither, {}. The router follows these, asking again each time."""
+    async def next_stages(self, after: int, error_seen: str | None = None, planner: str | None = None) -> dict:
+        """Waits for a deployment newer than generation `after` and returns it: {"generation", "planner" (this
+        planner's id), "stages" (handles in pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"};
+        or, first, for the planner's error to differ from `error_seen`, and returns {"error": the error or None}; or,
+        after STAGES_POLL_S with neither, {}. The router follows these, asking again each time. `planner`: the id of
+        the last deployment's planner; every deployment of another one (this one, restarted by Serve, counts
+        generations from 0 again and has deleted the stages of the one before) is newer."""
+        if planner is not None and planner != self.prefix:
+            after = 0
         async with self._changed:
             try:
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self.generation > after or self.error != error_seen), STAGES_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not TimeoutError: on Python 3.10 the two differ
                 return {}
             return self.current if self.generation > after else {"error": self.error}
 
@@ -161,19 +172,21 @@ class Planner:
                 "watching": self.watching, "error": self.error, "node": ray.get_runtime_context().get_node_id()}
 
     async def _watch(self) -> None:
-        await asyncio.to_thread(self._remove_stale_stage_apps)
-        seen = None
+        seen, cleaned = None, False
         while True:
-            nodes = await asyncio.to_thread(ray.nodes)
-            members = gpu_nodes(nodes)
-            if members != seen:
-                try:
+            try:  # a failed call to Ray's control store must not end the watch: it is tried again at the next poll
+                if not cleaned:
+                    await asyncio.to_thread(self._remove_stale_stage_apps)
+                    cleaned = True
+                nodes = await asyncio.to_thread(ray.nodes)
+                members = gpu_nodes(nodes)
+                if members != seen:
                     await self._deploy(nodes)
                     seen = members
                     await self._report(None)
-                except Exception as e:  # reported to the router and by status(); tried again at the next poll
-                    logger.exception("planning or deploying the stages failed")
-                    await self._report(f"{type(e).__name__}: {e}")
+            except Exception as e:  # reported to the router and by status()
+                logger.exception("planning or deploying the stages failed")
+                await self._report(f"{type(e).__name__}: {e}")
             if seen is not None and not self.watching:
                 return
             await asyncio.sleep(self.config.replan_poll_s)
@@ -193,15 +206,22 @@ class Planner:
             return
         if self.stage_app is not None:  # the new stages need the old ones' GPUs; the router holds the requests
             await asyncio.to_thread(serve.delete, self.stage_app)
+            # gone: should the cluster come back to the old plan, it must be deployed again, not kept
+            self.stage_app = self._layout = None
         name = f"{self.prefix}{self.generation + 1}"
         app = stage_app(self.config, str(self.path), self.quant, stages, decode_mb)
-        ingress = await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
-        handles = await ingress.handles.remote()
+        self.stage_app = name  # deploying or deployed, it goes down with the app (__del__)
+        try:
+            ingress = await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
+            handles = await ingress.handles.remote()
+        except Exception:  # a stage that failed to start: its siblings would hold their GPUs
+            self.stage_app = None
+            await asyncio.to_thread(serve.delete, name)
+            raise
         async with self._changed:
             self.replans += self.generation > 0
             self.generation += 1
-            self.stage_app = name
-            self.current = {"generation": self.generation, "stages": handles, "plan": doc,
+            self.current = {"generation": self.generation, "planner": self.prefix, "stages": handles, "plan": doc,
                             "prefill_micro_batch": prefill_mb, "decode_micro_batch": decode_mb}
             self._layout = (stages, prefill_mb, decode_mb)
             self._changed.notify_all()

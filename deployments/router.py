@@ -47,6 +47,7 @@ class Router:
         self.stages: list[DeploymentHandle] = []
         self.plan: dict = {}
         self.generation = self.replans = 0
+        self.planner_id: str | None = None  # whose generations these are
         self._follower = asyncio.get_event_loop().create_task(self._follow(planner))
 
     def __serve_build_asgi_app__(self):
@@ -56,14 +57,14 @@ class Router:
         error = None
         while True:
             try:
-                update = await planner.next_stages.remote(self.generation, error)
-            except Exception:  # the planner restarted, or the call broke: ask again
-                logger.exception("waiting for the planner's stages failed")
+                update = await planner.next_stages.remote(self.generation, error, self.planner_id)
+                if "stages" in update:
+                    await self._switch(update)
+            except Exception:  # the planner restarted, the call broke, or the stages did not answer: ask again
+                logger.exception("following the planner's stages failed")
                 await asyncio.sleep(1.0)
                 continue
-            if "stages" in update:
-                await self._switch(update)
-            elif "error" in update:
+            if "error" in update:
                 error = update["error"]
                 self.not_ready = (f"the planner could not deploy the stages (it tries again): {error}" if error
                                   else STARTING)
@@ -82,6 +83,7 @@ class Router:
             self.replans += 1
             logger.info("moved to plan generation %d: %d requests prefilled again", update["generation"], moved)
         self.stages, self.plan, self.generation = update["stages"], update["plan"], update["generation"]
+        self.planner_id = update["planner"]
 
     async def placements(self) -> list[dict]:
         """Where each stage runs (node, accelerator type): for operators and the placement test."""

@@ -329,7 +329,7 @@ class Scheduler:
             self._arrival.clear()
             try:
                 await asyncio.wait_for(self._arrival.wait(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not TimeoutError: on Python 3.10 the two differ
                 return
 
     # ---- steps ----------------------------------------------------------------------------------------------------

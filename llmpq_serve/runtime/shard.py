@@ -38,6 +38,11 @@ class StageSpec:
     def chain(cls, stages: list[tuple[int, int, list[int] | tuple[int, ...]]]) -> list[StageSpec]:
         """StageSpecs of consecutive (start, end, bits) stages, in pipeline order (first and last marked)."""
         n = len(stages)
+        for i, (a, _, _) in enumerate(stages):
+            expected = stages[i - 1][1] if i else 0
+            if a != expected:  # a gap skips layers, an overlap runs some twice: wrong text either way
+                raise ValueError(f"stage {i} starts at layer {a}; the stages must follow each other from layer 0, so "
+                                 f"it must start at {expected}")
         return [cls(a, b, tuple(bits), i == 0, i == n - 1) for i, (a, b, bits) in enumerate(stages)]
 
 
