@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
 
@@ -97,9 +99,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         grid = profiler.Grid((1, 4), (16, 64), (1, 8), (16, 128))
     # the type's file is known before the run (the detected type unless given), so each finished shape goes into it
     device_type = args.type or profiler.detect_device_type(profiler.local_device(args.device))[0]
-    out = Path(args.out) if args.out else Path(args.profiles) / f"{device_type}.json"
+    # a quick grid's tables would replace the full ones of the cost model's file: they go beside it unless told
+    default_name = f"{device_type}.quick.json" if args.quick else f"{device_type}.json"
+    out = Path(args.out) if args.out else Path(args.profiles) / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     older = Profile.load(out) if out.is_file() and not args.replace else None
+    if older is not None and older.device_type != device_type:  # found now, not after the first shape's minutes
+        raise ValueError(f"{out} holds a {older.device_type} profile, not {device_type}: give another --out, or "
+                         "--replace to overwrite it")
     finished: list[int] = []
 
     def save(profile: Profile) -> None:
@@ -168,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--type", default=None, help="Ray accelerator_type to file it under (default: detected)")
     pr.add_argument("--profiles", default=str(CostConfig().profiles_dir))
     pr.add_argument("--out", default=None, help="output file (default: <profiles>/<TYPE>.json)")
-    pr.add_argument("--quick", action="store_true", help="a small grid, for a smoke test")
+    pr.add_argument("--quick", action="store_true",
+                    help="a small grid, for a smoke test (default output <profiles>/<TYPE>.quick.json, which the "
+                         "cost model does not read)")
     pr.add_argument("--replace", action="store_true",
                     help="overwrite the output file (default: keep its tables of shapes not measured now)")
     pr.add_argument("--threads", type=int, default=None,
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, yaml.YAMLError) as e:  # a user's mistake: a bad value, a missing or wrong file
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,25 @@ def test_plan_errors_are_messages_not_tracebacks(capsys, tmp_path):
     assert "unknown GPU type 'K80'" in capsys.readouterr().err
 
 
+def test_profile_and_file_mistakes_are_messages_not_tracebacks(capsys, tmp_path):
+    """A device this machine lacks, a cluster file that is not YAML or not a file, a profile file of another device
+    type: each an error message and exit code 2, before any measuring."""
+    for device, says in [("gpu", "give cpu, cuda or cuda:N"), ("cuda:99", "CUDA device"), ("meta", "cpu or cuda")]:
+        assert main(["profile", "--model", "opt-13b", "--device", device, "--profiles", str(tmp_path)]) == 2
+        assert says in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("devices: [{type: T4\n")
+    for cluster in (broken, tmp_path):
+        assert main(["plan", "--model", "opt-30b", "--cluster", str(cluster)]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+    from llmpq_serve.profile_table import Profile
+
+    Profile(device_type="H100", device_name="x", torch="2.13", measured_at="2026-11-27", tables=[]).save(
+        tmp_path / "H.json")
+    assert main(["profile", "--model", "opt-13b", "--device", "cpu", "--out", str(tmp_path / "H.json")]) == 2
+    assert "holds a H100 profile, not CPU" in capsys.readouterr().err
+
+
 def test_bench_plan_json_shape(capsys, tmp_path):
     rc = main(["bench", "plan", "--clusters", PAPER, "--only", "1", "9", "--no-large", "--json",
                "--out-dir", str(tmp_path)])

@@ -116,3 +116,14 @@ def test_an_interrupted_profile_keeps_the_shapes_it_finished(tmp_path, monkeypat
     assert "partial: 1 of 2 shapes" in saved.method
     assert saved.transfer is not None and saved.heads  # the earlier run's, kept
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_quick_profile_goes_beside_the_full_one(tmp_path, monkeypatch):
+    """A smoke test's small grid must not replace the tables the cost model reads."""
+    from llmpq_serve import cli
+
+    monkeypatch.setattr(profiler.ModelSpec, "resolve", staticmethod(lambda name: TINY))
+    monkeypatch.setattr(profiler, "Grid", lambda *a: GRID)
+    assert cli.main(["profile", "--model", "tiny", "--device", "cpu", "--threads", "1", "--samples", "3", "--quick",
+                     "--profiles", str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["CPU.quick.json"]

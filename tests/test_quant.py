@@ -248,6 +248,13 @@ def test_stage_loads_only_its_own_layers(tmp_path):
     first = load_stage_model(tmp_path, "llama", range(1), first=True, last=False)
     assert not first.model.embed_tokens.weight.is_meta and first.lm_head.weight.is_meta
     assert model_id(tmp_path) == model_id(tmp_path) and len(model_id(tmp_path)) == 16
+    # a merged adapter changes some layers' weights, not the config, the sizes or the header: a new id
+    before = model_id(tmp_path)
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            layer.self_attn.v_proj.weight.add_(0.01)
+    model.save_pretrained(tmp_path)
+    assert model_id(tmp_path) != before
 
 
 def test_cost_model_predicts_a_quantized_layer_footprint():

@@ -44,8 +44,22 @@ def detect_device_type(device: torch.device) -> tuple[str, str]:
 
 
 def local_device(device: str | None = None) -> torch.device:
-    """`device`, else this machine's GPU if it has one, else its CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`device`, else this machine's GPU if it has one, else its CPU; a device this machine lacks is a ValueError
+    that says so (torch's own errors, asserts among them, say it less plainly)."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: {e}; give cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: this machine has no CUDA device that torch {torch.__version__} "
+                             f"can use")
+        if (dev.index or 0) >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: the profiler runs on cpu or cuda")
+    return dev
 
 
 def run(models: list[str], device: str | None = None, device_type: str | None = None, grid: Grid | None = None,
