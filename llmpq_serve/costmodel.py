@@ -207,8 +207,17 @@ class CostModel:
         table = self.profile_table(gpu)
         if table is not None and table.has(bits, phase):
             return table.interpolate(bits, phase, micro_batch, seq)
-        scale = 1.0 if table is not None else self.fitted_scales(gpu).scales.get((bits, phase), 1.0)
+        kernel = self.kernel_bits(gpu, bits)
+        scale = 1.0 if table is not None else self.fitted_scales(gpu).scales.get((kernel, phase), 1.0)
         return scale * self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
+
+    @staticmethod
+    def kernel_bits(gpu: GPUSpec, bits: int) -> int:
+        """The bit-width whose kernel runs a `bits` layer on `gpu`: below compute capability 8.0 (T4, V100) torch has
+        no int4 kernel, and 4-bit weights are dequantized at each call as 3-bit ones are (`quant/linear.py`), so the
+        efficiency fitted on the 3-bit path's measurements scales them. The bare roofline keeps the fused kernels'
+        efficiencies of `kernels.yaml` (the paper's kind of cost model) for every GPU."""
+        return 3 if bits == 4 and 0 < gpu.sm < 80 else bits
 
     def roofline_layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
         m, k, a = self.model, self.kernels, self.config.act_bytes

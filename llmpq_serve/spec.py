@@ -26,6 +26,7 @@ class GPUSpec(BaseModel):
     fp16_tflops: float
     int8_tops: float | None = None
     link_gbs: float
+    sm: int = Field(0, description="compute capability x 10 (75 for a T4); 0 for the CPU")
 
     @classmethod
     def from_catalog(cls, name: str) -> GPUSpec:

@@ -103,6 +103,20 @@ def test_transfer_intra_vs_inter_node(tiny):
     assert cm.transfer_time(a0, b0, 2.0, "decode", 4, 100) == pytest.approx(4 * 512 * 2 / 2e9 + 50e-6)
 
 
+def test_4bit_layers_on_gpus_without_the_int4_kernel_take_the_3bit_paths_fitted_efficiency(tiny, monkeypatch):
+    """A T4 (compute capability 7.5) has no int4 kernel and runs 4-bit weights the way 3-bit ones run: the measured
+    tables' efficiency of the 3-bit path scales its 4-bit roofline; an A100's keeps the 4-bit kernel's."""
+    from llmpq_serve.costmodel import FittedScales
+
+    cm = CostModel(tiny, CostConfig(profiles_dir=None))
+    fitted = FittedScales({(4, "decode"): 2.0, (3, "decode"): 50.0}, ("H100",), ())
+    monkeypatch.setattr(cm, "fitted_scales", lambda gpu: fitted)
+    t4, a100 = GPUSpec.from_catalog("T4"), GPUSpec.from_catalog("A100-SXM4-80GB")
+    assert (t4.sm, a100.sm) == (75, 80)
+    assert cm.layer_time(t4, 4, "decode", 8, 512) == 50.0 * cm.roofline_layer_time(t4, 4, "decode", 8, 512)
+    assert cm.layer_time(a100, 4, "decode", 8, 512) == 2.0 * cm.roofline_layer_time(a100, 4, "decode", 8, 512)
+
+
 def test_embedding_and_head_costs(tiny):
     cm = CostModel(tiny)
     t4 = GPUSpec.from_catalog("T4")

@@ -51,6 +51,28 @@ def test_round_trip_error_is_within_half_a_step(bits):
     assert ((back - w).abs() <= step / 2 + 1e-6).all()
 
 
+def test_a_4bit_weight_without_the_int4_kernel_is_held_two_to_a_byte(monkeypatch):
+    """A GPU below compute capability 8.0 (T4, V100) has no int4 kernel: the same weight is held as nibbles and
+    dequantized at each call, computes the same product, and saves to the same on-disk form."""
+    import llmpq_serve.quant.linear as linear_module
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    gq = quantize(lin.weight.detach().float(), 4, 128)
+    with_kernel = QuantLinear.from_group_quant(gq, lin.bias)
+    monkeypatch.setattr(linear_module, "has_int4_kernel", lambda device: False)
+    nibbles = QuantLinear.from_group_quant(gq, lin.bias)
+    assert with_kernel.int4_kernel and not nibbles.int4_kernel
+    assert nibbles.qweight.dtype == torch.uint8 and nibbles.qweight.shape == (128, 128)
+    torch.testing.assert_close(nibbles.dequantized_weight(), gq.dequantize())
+    x = torch.randn(3, 5, 256)
+    torch.testing.assert_close(nibbles(x), nn.functional.linear(x, gq.dequantize(), lin.bias), atol=1e-4, rtol=0)
+    for k, v in with_kernel.state().items():
+        assert torch.equal(nibbles.state()[k], v), k
+    again = QuantLinear.from_state(nibbles.state(), 4, 128)
+    assert not again.int4_kernel and torch.equal(again.qweight, nibbles.qweight)
+
+
 @pytest.mark.parametrize("bits", [16, 8, 4, 3])
 def test_packed_bytes_match_the_cost_model(bits):
     lin = nn.Linear(512, 384, bias=False)

@@ -4,7 +4,9 @@
 - 8: int8 per output channel (symmetric), `torch._weight_int8pack_mm` on CPU (bf16 activations); on CUDA, which
   has no weight-only int8 kernel in torch, the int8 weight is widened to the activation dtype at each call.
 - 4: group-wise with zero points, packed for torch's int4 kernel of the device the weight lives on
-  (`_weight_int4pack_mm_for_cpu`, or `_weight_int4pack_mm` on CUDA; bf16 activations on both).
+  (`_weight_int4pack_mm_for_cpu`, or `_weight_int4pack_mm` on CUDA; bf16 activations on both). The CUDA kernel
+  needs compute capability 8.0; on older GPUs (T4, V100, P100) the values are held two to a byte and dequantized at
+  each call, as the 3-bit ones are.
 - 3: no kernel exists: held as three bit-planes (`bit_planes`), unpacked and dequantized at each call. Memory stays
   at 3 bits; time pays for the unpacking, which on the CPU goes a block of output rows at a time (`CPU_BLOCK_BYTES`).
 
@@ -31,6 +33,12 @@ CPU_KERNEL_DTYPE = torch.bfloat16
 # when they are freed, so that the next call faults their pages in again (2,000 faults per call of a demo OPT stage
 # with two 3-bit layers); blocks of about a core's L2 stay in the allocator and in cache.
 CPU_BLOCK_BYTES = 1 << 20
+
+
+def has_int4_kernel(device: torch.device) -> bool:
+    """Whether torch's int4 weight-only kernel runs on `device`: on the CPU, and on GPUs from compute capability 8.0
+    (A100, H100, ...)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @functools.cache
@@ -68,6 +76,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.int4_kernel = False  # a 4-bit weight held for torch's int4 kernel (see `_hold`)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     # ---- construction ---------------------------------------------------------------------------------------------
@@ -101,7 +110,8 @@ class QuantLinear(nn.Module):
         return layer
 
     def _hold(self, gq: GroupQuant) -> None:
-        if gq.bits == 4:
+        self.int4_kernel = gq.bits == 4 and has_int4_kernel(gq.q.device)
+        if self.int4_kernel:
             # the kernels compute (q - 8) * scale + bias per group
             bias = (8 - gq.zero.float()) * gq.scale
             scales_and_zeros = torch.stack([gq.scale, bias], -1).transpose(0, 1).contiguous()
@@ -114,7 +124,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
         else:
-            self.register_buffer("qweight", bit_planes(gq.q))
+            nibbles = (gq.q[:, ::2] << 4 | gq.q[:, 1::2]).to(torch.uint8)
+            self.register_buffer("qweight", nibbles if gq.bits == 4 else bit_planes(gq.q))
             self.register_buffer("scale", gq.scale.contiguous())
             self.register_buffer("zero", gq.zero.float() * gq.scale)  # float zero: w = q * scale - zero
 
@@ -128,7 +139,7 @@ class QuantLinear(nn.Module):
 
     def group_quant(self) -> GroupQuant:
         """The held 4/3-bit weight back as integers (for saving and for tests)."""
-        if self.bits == 4:
+        if self.int4_kernel:
             # The int4 pack layout is the kernel's own; running the kernel on the identity with scale 1 and offset 8
             # reads the integers back without depending on it.
             scale = self.scales_and_zeros[..., 0].transpose(0, 1)
@@ -139,7 +150,7 @@ class QuantLinear(nn.Module):
             return GroupQuant(torch.round(q.T.float()).to(torch.uint8), scale.float().contiguous(),
                               torch.round(zero.float()).to(torch.uint8), 4, self.group_size)
         zero = torch.round(self.zero / self.scale).to(torch.uint8)
-        return GroupQuant(from_bit_planes(self.qweight), self.scale, zero, self.bits, self.group_size)
+        return GroupQuant(self._values(0, self.out_features), self.scale, zero, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 16:
@@ -150,10 +161,10 @@ class QuantLinear(nn.Module):
             y = F.linear(flat, self.qweight.to(flat.dtype)) * self.scale.to(flat.dtype)
         elif self.bits == 8:
             y = torch._weight_int8pack_mm(flat.to(CPU_KERNEL_DTYPE), self.qweight, self.scale.to(CPU_KERNEL_DTYPE))
-        elif self.bits == 4:
+        elif self.int4_kernel:
             y = self._int4_mm(flat, self.scales_and_zeros)
         else:
-            y = self._3bit_mm(flat)
+            y = self._dequantized_mm(flat)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -164,17 +175,24 @@ class QuantLinear(nn.Module):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(CPU_KERNEL_DTYPE), self.qweight, self.group_size,
                                                           scales_and_zeros.to(CPU_KERNEL_DTYPE))
 
-    def _3bit_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def _dequantized_mm(self, x: torch.Tensor) -> torch.Tensor:
         # on a GPU in one block: the caching allocator keeps the temporaries, and one launch per op beats many
         rows = self.out_features if x.is_cuda else max(1, CPU_BLOCK_BYTES // (4 * self.in_features))
-        return torch.cat([x @ self._dequantize_3bit(r, min(r + rows, self.out_features)).to(x.dtype).T
+        return torch.cat([x @ self._dequantize(r, min(r + rows, self.out_features)).to(x.dtype).T
                           for r in range(0, self.out_features, rows)], dim=-1)
 
-    def _dequantize_3bit(self, first: int, end: int) -> torch.Tensor:
-        """Output rows [first, end) of the weight (each row's values lie in its own bytes of the planes)."""
-        q = from_bit_planes(self.qweight[:, first:end]).view(end - first, -1, self.group_size)
+    def _dequantize(self, first: int, end: int) -> torch.Tensor:
+        """Output rows [first, end) of the weight (each row's values lie in its own bytes)."""
+        q = self._values(first, end).view(end - first, -1, self.group_size)
         w = (q * self.scale[first:end, :, None]).sub_(self.zero[first:end, :, None])  # the product is a new float
         return w.view(end - first, self.in_features)
+
+    def _values(self, first: int, end: int) -> torch.Tensor:
+        """The integers of output rows [first, end), uint8 [rows, in], from the bit-planes or the nibbles."""
+        if self.bits == 3:
+            return from_bit_planes(self.qweight[:, first:end])
+        pairs = self.qweight[first:end]
+        return torch.stack([pairs >> 4, pairs & 15], -1).view(end - first, self.in_features)
 
     def weight_nbytes(self) -> int:
         """Bytes of the weight as held (values, scales, zeros), without the bias."""

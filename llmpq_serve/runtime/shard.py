@@ -58,7 +58,8 @@ def runtime_dtype(device: torch.device) -> torch.dtype:
     where half-precision matmuls are slow."""
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # below compute capability 8.0 (T4, V100) torch only emulates bf16, and is_bf16_supported() says yes to that
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
 class StageShard(nn.Module):
