@@ -140,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--theta", type=float, default=None,
                    help="weight of normalised quality against normalised latency (default 1 when no target)")
-    p.add_argument("--budget", type=float, default=None,
-                   help="upper bound on normalised Σω (1.0 = whole model at 3 bits)")
-    p.add_argument("--quality", choices=sorted(NAMED_TARGETS), default=None,
-                   help="budget: no worse than the whole model at this format")
+    budget = p.add_mutually_exclusive_group()  # --quality is a budget too: one would silently replace the other
+    budget.add_argument("--budget", type=float, default=None,
+                        help="upper bound on normalised Σω (1.0 = whole model at 3 bits)")
+    budget.add_argument("--quality", choices=sorted(NAMED_TARGETS), default=None,
+                        help="budget: no worse than the whole model at this format")
     p.add_argument("--method", choices=list(PLAN_METHODS), default="llmpq")
     p.add_argument("--indicator", default=None, help="indicator JSON (default: the analytic one from shapes)")
     p.add_argument("--profiles", type=Path, default=CostConfig().profiles_dir, help="latency profiles folder")

@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from llmpq_serve.cli import main
 from llmpq_serve.planner import Plan
 
@@ -49,6 +51,9 @@ def test_profile_and_file_mistakes_are_messages_not_tracebacks(capsys, tmp_path)
         assert capsys.readouterr().err.startswith("error: ")
     from llmpq_serve.profile_table import Profile
 
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--model", "opt-30b", "--cluster", CLUSTER, "--budget", "0.3", "--quality", "awq4"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     Profile(device_type="H100", device_name="x", torch="2.13", measured_at="2026-11-27", tables=[]).save(
         tmp_path / "H.json")
     assert main(["profile", "--model", "opt-13b", "--device", "cpu", "--out", str(tmp_path / "H.json")]) == 2

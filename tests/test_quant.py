@@ -253,6 +253,25 @@ def test_cache_hit_skips_calibration(tmp_path, monkeypatch):
     assert layer_state(second.model.layers[0], "llama").keys() == layer_state(first.model.layers[0], "llama").keys()
 
 
+@pytest.mark.parametrize("method", ["awq", "rtn"])
+def test_the_state_saved_from_the_integers_is_the_layers_own(method, monkeypatch):
+    """`quantize_layer` hands out each 4/3-bit linear's on-disk state from the integers it quantized, not read back
+    from the kernel's layout (a matmul with the identity): the same tensors, and no read-back."""
+    from llmpq_serve.quant.apply import quantize_layer
+
+    model = tiny_llama()
+    calib = collect_inputs(model, "llama", [ids()])
+    for i, bits in ((0, 4), (1, 3)):
+        layer = model.model.layers[i]
+        with monkeypatch.context() as m:
+            m.setattr(QuantLinear, "group_quant", lambda self: pytest.fail("read back from the kernel's layout"))
+            states = quantize_layer(layer, "llama", bits, method, calib[i])
+        assert sorted(states) == sorted(n for n, _ in layer.named_modules() if isinstance(_, QuantLinear))
+        for name, state in states.items():
+            own = layer.get_submodule(name).state()
+            assert state.keys() == own.keys() and all(torch.equal(state[k], own[k]) for k in own), name
+
+
 def test_stage_loads_only_its_own_layers(tmp_path):
     from llmpq_serve.checkpoint import load_stage_model, read_tensors
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from llmpq_serve.quant.awq import awq_quantize_layer
 from llmpq_serve.quant.calibration import LayerCalibration, decoder_layers
+from llmpq_serve.quant.groupwise import quantize
 from llmpq_serve.quant.layout import linear_names
 from llmpq_serve.quant.linear import QuantLinear
 
@@ -70,22 +71,33 @@ class QuantCache:
 
 
 def quantize_layer(layer: nn.Module, arch: str, bits: int, method: str = "awq",
-                   calib: LayerCalibration | None = None, group_size: int = 128) -> None:
+                   calib: LayerCalibration | None = None, group_size: int = 128) -> dict[str, dict[str, torch.Tensor]]:
     """Replaces the linears of one decoder layer, in place, by QuantLinears at `bits`. AWQ (4 and 3 bits) needs the
-    layer's calibration; int8 is per-channel round-to-nearest either way."""
+    layer's calibration; int8 is per-channel round-to-nearest either way. Returns the on-disk state of each 4- or
+    3-bit linear (for `layer_state`), taken from its integers before they are packed for a kernel: read back out of
+    torch's int4 layout they cost a product with the identity, in² · out multiply-adds per linear (hours for
+    Llama-70B's layers on a CPU)."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose from {METHODS}")
     if bits == 16:
-        return
+        return {}
     found = {}
     if method == "awq" and bits in (4, 3):
         if calib is None:
             raise ValueError("AWQ needs calibration data for the layer (quant.calibration.collect_inputs)")
         found = awq_quantize_layer(layer, arch, calib, bits, group_size)
+    states = {}
     for name in linear_names(arch):
         parent, attr = _parent(layer, name)
         linear = getattr(parent, attr)
-        setattr(parent, attr, QuantLinear.from_linear(linear, bits, group_size, found.get(name)))
+        gq = found.get(name)
+        if gq is None and bits in (4, 3):
+            gq = quantize(linear.weight.detach().float(), bits, group_size)
+        quantized = QuantLinear.from_linear(linear, bits, group_size, gq)
+        if gq is not None:
+            states[name] = quantized.state(gq)
+        setattr(parent, attr, quantized)
+    return states
 
 
 def dequantized_weights(layer: nn.Module, arch: str, bits: int, method: str, calib: LayerCalibration | None,
@@ -100,13 +112,15 @@ def dequantized_weights(layer: nn.Module, arch: str, bits: int, method: str, cal
     return out
 
 
-def layer_state(layer: nn.Module, arch: str) -> dict[str, torch.Tensor]:
-    """A quantized layer's tensors: linears in compressed-tensors form, everything else (norms) as is."""
+def layer_state(layer: nn.Module, arch: str,
+                known: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """A quantized layer's tensors: linears in compressed-tensors form (those in `known`, `quantize_layer`'s
+    answer, as given), everything else (norms) as is."""
     state: dict[str, torch.Tensor] = {}
     quantized = set()
     for name in linear_names(arch):
-        module = layer.get_submodule(name)
-        for k, v in module.state().items():
+        linear_state = (known or {}).get(name) or layer.get_submodule(name).state()
+        for k, v in linear_state.items():
             state[f"{name}.{k}"] = v
         quantized.add(name)
     for k, v in layer.state_dict().items():
@@ -145,9 +159,9 @@ def quantize_shard(model: nn.Module, arch: str, layers: list[int], bits_per_laye
             hits += 1
             continue
         calib = calibration.get(layer_id) if calibration is not None else None
-        quantize_layer(block, arch, bits, method, calib, group_size)
+        states = quantize_layer(block, arch, bits, method, calib, group_size)
         if cache is not None and model_key is not None:
-            cache.save(*key, layer_state(block, arch))
+            cache.save(*key, layer_state(block, arch, states))
     return hits
 
 

@@ -199,13 +199,15 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers())
 
     # ---- on-disk form (compressed-tensors) ------------------------------------------------------------------------
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self, gq: GroupQuant | None = None) -> dict[str, torch.Tensor]:
+        """`gq`: the integers this 4/3-bit layer holds, where the caller still has them (reading them back from the
+        int4 kernel's layout costs a matmul)."""
         out: dict[str, torch.Tensor] = {} if self.bias is None else {"bias": self.bias.detach()}
         if self.bits == 16:
             return {**out, "weight": self.weight}
         if self.bits == 8:
             return {**out, "weight": self.qweight, "weight_scale": self.scale[:, None]}
-        gq = self.group_quant()
+        gq = gq or self.group_quant()
         offset = 1 << (self.bits - 1)
         signed = (gq.q.to(torch.int16) - offset).to(torch.int8)
         zero = (gq.zero.to(torch.int16) - offset).to(torch.int8)

@@ -51,8 +51,9 @@ def ensure_quantized(path: Path, arch: str, layers_bits: list[tuple[int, int]], 
     blocks = decoder_layers(model, arch)
     for layer_id, bits in tqdm(missing, desc="quantizing layers", unit="layer", disable=len(missing) < 2):
         block = copy.deepcopy(blocks[layer_id])
-        quantize_layer(block, arch, bits, options.method, calibration and calibration[layer_id], options.group_size)
-        cache.save(key, layer_id, bits, options.method, options.group_size, layer_state(block, arch))
+        states = quantize_layer(block, arch, bits, options.method, calibration and calibration[layer_id],
+                                options.group_size)
+        cache.save(key, layer_id, bits, options.method, options.group_size, layer_state(block, arch, states))
     return len(missing)
 
 
