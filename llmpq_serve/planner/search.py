@@ -363,22 +363,35 @@ def infeasibility_report(problem: Problem, rules: Rules) -> str:
     low = min(problem.bits)
     per_layer = problem.layer_memory(low)
     devices = problem.cluster.devices
-    lines, capacity = [], 0
+    n = len(devices)
+
+    def fixed(j: int, first: int, last: int) -> float:
+        return problem.stage_fixed_memory(1, 1, j == first, j == last)
+
+    def holds(first: int, last: int) -> list[int]:
+        return [max(0, int((problem.usable_memory(d.gpu) - fixed(j, first, last)) // per_layer))
+                for j, d in enumerate(devices)]
+
+    # the search orders the devices, so the embeddings and the head go where they cost the fewest layers
+    ends = [(0, 0)] if n == 1 else [(f, la) for f in range(n) for la in range(n) if f != la]
+    each = max((holds(f, la) for f, la in ends), key=sum)
+    capacity = sum(each)
+    lines = []
     for j, d in enumerate(devices):
-        fixed = problem.stage_fixed_memory(1, 1, j == 0, j == len(devices) - 1)
-        room = problem.usable_memory(d.gpu) - fixed
-        holds = max(0, int(room // per_layer))
-        capacity += holds
+        least = min(fixed(j, f, la) for f, la in ends)  # what it carries wherever it stands in the chain
+        room = problem.usable_memory(d.gpu) - least
         if room < per_layer:
             lines.append(f"{d.id} ({d.gpu}) lacks {(per_layer - room) / gib:.2f} GiB for even one layer "
-                         f"(usable {problem.usable_memory(d.gpu) / gib:.2f} GiB, embeddings/activations "
-                         f"{fixed / gib:.2f} GiB)")
+                         f"(usable {problem.usable_memory(d.gpu) / gib:.2f} GiB, embeddings/activations at least "
+                         f"{least / gib:.2f} GiB wherever it stands)")
     w, m = problem.workload, problem.model
     where = (f"{m.name} on {problem.cluster.summary()} for batch {w.batch_size} x {problem.context} tokens: at {low} bits "
              f"a layer needs {per_layer / gib:.2f} GiB (weights + KV cache)")
     if capacity < m.layers or lines:
         short = max(0, m.layers - capacity) * per_layer
-        head = (f"{where}; the devices hold at most {capacity} of {m.layers} layers, {short / gib:.1f} GiB missing")
+        by_device = ", ".join(f"{d.id} {k}" for d, k in zip(devices, each))
+        head = (f"{where}; the devices hold at most {capacity} of {m.layers} layers ({by_device}), "
+                f"{short / gib:.1f} GiB missing")
         return "; ".join([head] + lines) + ". Add devices, use a smaller batch or shorter sequences."
     if rules.even_split:
         size = max(even_split(m.layers, len(devices)))
