@@ -107,9 +107,10 @@ async def pipeline_run(url: str, model: str, reqs: list[tuple[list[int], int]], 
                 errors += 1
                 continue
             tokens += got
-            ttft.append(first - start)
-            if got > 1 and stream:
-                tpot.append((last - first) / (got - 1))
+            if stream:  # without a stream the first token's time is the whole answer's: no TTFT to report
+                ttft.append(first - start)
+                if got > 1:
+                    tpot.append((last - first) / (got - 1))
 
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=300) as http:

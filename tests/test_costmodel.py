@@ -92,7 +92,7 @@ def test_roofline_prefill_is_compute_bound():
 
 
 def test_transfer_intra_vs_inter_node(tiny):
-    cm = CostModel(tiny)
+    cm = CostModel(tiny, CostConfig(profiles_dir=None))  # worked out from the catalog, not from a measured hop
     cluster = ClusterSpec.from_dict({"nodes": [{"name": "a", "devices": [{"type": "T4", "count": 2}]},
                                                {"name": "b", "devices": [{"type": "A10", "count": 1}]}],
                                      "inter_node_gbs": 2.0})
@@ -118,7 +118,7 @@ def test_4bit_layers_on_gpus_without_the_int4_kernel_take_the_3bit_paths_fitted_
 
 
 def test_embedding_and_head_costs(tiny):
-    cm = CostModel(tiny)
+    cm = CostModel(tiny, CostConfig(profiles_dir=None))  # worked out from the catalog, not from a measured head
     t4 = GPUSpec.from_catalog("T4")
     assert cm.embedding_bytes() == 1000 * 512 * 2
     assert cm.head_bytes() == (1000 * 512 + 2 * 512) * 2

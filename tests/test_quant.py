@@ -30,6 +30,30 @@ def tiny_opt(seed: int = 0):
     return OPTForCausalLM(config).eval()
 
 
+def test_awq_folds_nothing_into_the_norms_of_a_post_norm_opt_layer(monkeypatch):
+    """In OPT's post-norm layers (opt-350m) the norms come after attention and the MLP: folding scales into them
+    would change the layer. Only the linear-to-linear folds (v -> out_proj, fc1 -> fc2) remain, and the layer's
+    full-precision function is unchanged."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from llmpq_serve.quant import awq
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=300, hidden_size=256, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=128, word_embed_proj_dim=256, dropout=0.0, do_layer_norm_before=False)
+    model = OPTForCausalLM(config).eval()
+    calib = collect_inputs(model, "opt", [ids()])
+    layer = model.model.decoder.layers[0]
+    folded = []
+    fold = awq._fold
+    monkeypatch.setattr(awq, "_fold", lambda prev, linears, s: (folded.append(prev), fold(prev, linears, s)))
+    reference = calib[0].block_output(layer)
+    with torch.no_grad():
+        awq.awq_quantize_layer(layer, "opt", calib[0], 4)
+    assert folded and all(isinstance(prev, nn.Linear) for prev in folded)
+    torch.testing.assert_close(calib[0].block_output(layer), reference, atol=1e-4, rtol=1e-4)
+
+
 def ids(n: int = 4, seq: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 300, (n, seq), generator=torch.Generator().manual_seed(seed))
 

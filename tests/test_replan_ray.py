@@ -7,13 +7,12 @@ import time
 
 import httpx
 import pytest
+import ray
+from ray import serve
 
 from llmpq_serve.runtime.ring import free_port
 from tests.test_runtime import PROMPTS, hf_greedy
 from tests.test_serve_ray import wait_ready
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 
 NEW = 400
 
@@ -75,7 +74,7 @@ def test_nodes_joining_and_leaving_replan_without_losing_a_stream(cluster, demo_
     assert {p["accelerator_types"][0] for p in router.placements.remote().result()} == {"T4"}
 
     # a faster GPU joins: the plan uses it
-    v100 = c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:V100": 1})
+    c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:V100": 1})
     wait_ready(router, 2)
     placements = router.placements.remote().result()
     assert "V100" in {p["accelerator_types"][0] for p in placements}
@@ -104,7 +103,6 @@ def test_nodes_joining_and_leaving_replan_without_losing_a_stream(cluster, demo_
     status = router.status.remote().result()
     assert status["replans"] >= 2 and status["resumed_requests"] >= len(PROMPTS)  # all were moved mid-stream
     assert gone.node_id not in {p["node_id"] for p in router.placements.remote().result()}
-    assert v100 is not None
 
 
 def test_stages_beyond_the_gpus_of_their_type_are_refused_with_a_reason():
@@ -137,7 +135,7 @@ def test_deleting_the_app_takes_its_stages_down_and_frees_their_gpus(cluster, de
     assert len(stage_apps()) == 1 and ray.available_resources().get("GPU", 0) == 0
 
     serve.delete("llmpq", _blocking=False)  # the router itself drains for 30 s: not waited for
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 27  # below the 30 s drain it once waited for, above a loaded machine's ~10 s
     while stage_apps() or ray.available_resources().get("GPU", 0) < 1:
-        assert time.monotonic() < deadline, f"still up 20 s after the app's deletion: {stage_apps()}"
+        assert time.monotonic() < deadline, f"still up 27 s after the app's deletion: {stage_apps()}"
         time.sleep(0.5)

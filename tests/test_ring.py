@@ -40,21 +40,36 @@ def ring_engine(path, stages, prefill_mb, decode_mb, max_batch, max_seq, wrap=la
     return PipelineEngine(scheduler, tokenizer, "demo", dict)
 
 
+@pytest.fixture
+def ring_engines():
+    """`ring_engine`, whose rings are closed after the test: until then each stage's loop holds its shard and KV
+    cache, and the router's side its receiving thread and sockets."""
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(ring_engine(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.scheduler.chain.close()
+
+
 @pytest.mark.parametrize("stages", [1, 3])
-def test_ring_gives_the_local_transports_tokens(demo_checkpoint, stages):
+def test_ring_gives_the_local_transports_tokens(demo_checkpoint, ring_engines, stages):
     path = demo_checkpoint("llama")
     prompts = PROMPTS * 2
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     seeded = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
     for params in (greedy, seeded):
         local = asyncio.run(run_all(local_engine(path, even_stages(3, stages), 2, 2, 4, 96), prompts, params))
-        engine = ring_engine(path, even_stages(3, stages), 2, 2, 4, 96)
+        engine = ring_engines(path, even_stages(3, stages), 2, 2, 4, 96)
         assert asyncio.run(run_all(engine, prompts, params)) == local
         busy = engine.scheduler.stage_busy_s
         assert len(busy) == stages and all(b > 0 for b in busy)
 
 
-def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_checkpoint):
+def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_checkpoint, ring_engines):
     path = demo_checkpoint("llama")
     calls = {"n": 0}
 
@@ -70,7 +85,7 @@ def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_check
 
         return flaky
 
-    engine = ring_engine(path, even_stages(3, 2), 1, 1, 1, 64, wrap)
+    engine = ring_engines(path, even_stages(3, 2), 1, 1, 1, 64, wrap)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
     async def go():
@@ -179,14 +194,16 @@ def test_messages_keep_dtype_shape_and_metadata(host):
 
 def test_a_closed_link_fails_the_neighbour_instead_of_hanging():
     links = open_ring(3)
-    links[1].close()  # rank 1 is gone: rank 2 reads from it and rank 0 writes to it
-    with pytest.raises(OSError):
-        links[2].recv()
-    with pytest.raises(OSError):
-        for _ in range(100):  # the kernel may take the first writes before it learns the peer is gone
-            links[0].send({}, torch.zeros(1024))
-    for link in (links[0], links[2]):
-        link.close()
+    try:
+        links[1].close()  # rank 1 is gone: rank 2 reads from it and rank 0 writes to it
+        with pytest.raises(OSError):
+            links[2].recv()
+        with pytest.raises(OSError):
+            for _ in range(100):  # the kernel may take the first writes before it learns the peer is gone
+                links[0].send({}, torch.zeros(1024))
+    finally:
+        for link in (links[0], links[2]):
+            link.close()
 
 
 def test_a_ring_whose_stages_cannot_join_leaves_no_connect_waiting(monkeypatch):
@@ -264,6 +281,7 @@ def test_a_dead_stage_loses_no_request_the_next_ring_carries_it_on(demo_checkpoi
         first, survivor = asyncio.run(asyncio.wait_for(go(), timeout=300))
         assert survivor == first and len(procs) == 2
     finally:
+        chain.close()
         for p in procs:
             p.kill()
             p.join(timeout=30)

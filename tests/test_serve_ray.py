@@ -9,12 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import ray
+from ray import serve
 
 from llmpq_serve.runtime.ring import free_port
 from tests.test_runtime import NEW, PROMPTS, hf_greedy, run_all
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
 
 TYPES = ["T4", "T4", "V100"]  # stage i goes to TYPES[i]
 

@@ -174,7 +174,8 @@ def run(path: str | Path, time_limit: float = 10.0, only: list[str] | None = Non
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    lines = ["| cluster | model | devices | " + " | ".join(METHODS) + " |",
+    lines = ["Predicted by the cost model (catalog roofline), not measured: tokens/s, quality Σω̂, solve time.", "",
+             "| cluster | model | devices | " + " | ".join(METHODS) + " |",
              "|---|---|---|" + "---|" * len(METHODS)]
     for c in doc["clusters"]:
         cells = []
@@ -196,7 +197,7 @@ def markdown(doc: dict[str, Any]) -> str:
     if "large" in doc:
         big = doc["large"]
         title = f"Scaling: {big['model']} ({big['layers']} layers) on {big['devices']} ({big['n_devices']} devices):"
-        lines += ["", title, "", "| method | tokens/s | solve s | status | gap |",
+        lines += ["", title, "", "| method | predicted tokens/s | solve s | status | gap |",
                   "|---|---|---|---|---|"]
         for m, e in big["methods"].items():
             lines.append(f"| {m} | {e['tokens_per_s']:.1f} | {e['solve_s']:.1f} | {e.get('status')} | "

@@ -54,11 +54,16 @@ def awq_quantize_layer(layer: nn.Module, arch: str, calib: LayerCalibration, bit
                 modules[name].weight.data = w
 
     rtn_error = block_error({name: gq.dequantize() for name, gq in rtn.items()})  # before any fold
+    # OPT's post-norm layers (opt-350m) normalise after attention and the MLP: their norms feed the residual
+    # stream, not the linears after them, and a scale folded there would change the layer's function
+    post_norm = not getattr(layer, "do_layer_norm_before", True)
     for group in scale_groups(arch):
         linears = [modules[name] for name in group.linears]
         prev = modules[group.prev]
         if isinstance(prev, nn.Linear) and prev.out_features != linears[0].in_features:
             continue  # grouped-query attention: v's outputs are not o's inputs one to one
+        if post_norm and not isinstance(prev, nn.Linear):
+            continue
         magnitude = inputs[group.linears[0]].abs().mean(0).clamp(min=1e-6)
         w_magnitude = _weight_magnitude(torch.cat([lin.weight.float() for lin in linears]), group_size)
         best, best_s = float("inf"), torch.ones_like(magnitude)
