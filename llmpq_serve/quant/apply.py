@@ -19,7 +19,7 @@ from llmpq_serve.quant.linear import QuantLinear
 
 METHODS = ("awq", "rtn")
 # Bumped whenever calibration or the search changes what a layer quantizes to, so stale cache entries are not reused.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 
 
 # Chunks of 64 KiB read from each weight file, spread evenly over it. The header and sizes alone stay the same when
