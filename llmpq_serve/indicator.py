@@ -7,6 +7,7 @@ alone, and the calibrated indicator (computed from a checkpoint) replaces it whe
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
@@ -29,8 +30,9 @@ class Indicator(BaseModel):
             raise ValueError("every layer of the indicator must list the same bit-widths")
         if REFERENCE_BITS not in bits:
             raise ValueError(f"the indicator must give ω at {REFERENCE_BITS} bits (the normalisation reference)")
-        if any(v < 0 for row in self.omega for v in row.values()):
-            raise ValueError("ω must be non-negative")
+        if not all(math.isfinite(v) and v >= 0 for row in self.omega for v in row.values()):
+            # a NaN would make every quality comparison false, and the planner keep whatever plan it saw first
+            raise ValueError("ω must be finite and non-negative")
         return self
 
     @property

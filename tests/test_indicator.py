@@ -29,6 +29,9 @@ def test_from_json_and_validation(tmp_path):
         Indicator(source="x", omega=[{16: 0.0, 4: 1.0}])
     with pytest.raises(ValueError, match="same bit-widths"):
         Indicator(source="x", omega=[{16: 0.0, 3: 1.0}, {16: 0.0, 4: 1.0, 3: 1.0}])
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            Indicator(source="x", omega=[{16: 0.0, 3: bad}])
     with pytest.raises(ValueError, match="2 bit-widths for 3 layers"):
         Indicator(source="x", omega=[{3: 1.0}] * 3).quality([3, 3])
 

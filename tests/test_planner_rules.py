@@ -184,6 +184,11 @@ def test_bad_inputs():
         roofline_problem(opt, one, Workload(prompt_len=2000, gen_len=100))
     with pytest.raises(ValueError, match="bit-widths must be among"):
         roofline_problem(opt, one, Workload(), bits=(16, 2))
+    from llmpq_serve.indicator import Indicator
+
+    no_int8 = Indicator(source="x", omega=[{16: 0.0, 4: 0.2, 3: 1.0}] * opt.layers)
+    with pytest.raises(ValueError, match=r"no ω at \[8\] bits"):
+        roofline_problem(opt, one, Workload(), indicator=no_int8)
     with pytest.raises(ValueError, match="unknown method"):
         plan(roofline_problem(opt, one, Workload()), "magic")
     many = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 41}]})

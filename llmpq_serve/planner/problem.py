@@ -48,6 +48,9 @@ class Problem:
         self.indicator = indicator or Indicator.analytic(model)
         if self.indicator.layers != model.layers:
             raise ValueError(f"indicator has {self.indicator.layers} layers, model {model.layers}")
+        if missing := sorted(set(bits) - set(self.indicator.bits), reverse=True):
+            raise ValueError(f"the indicator gives no ω at {missing} bits; give them, or plan with bits "
+                             f"{sorted(set(bits) & set(self.indicator.bits), reverse=True)}")
         self.quality = quality or QualityTarget()
         self.bits = tuple(sorted(bits, reverse=True))
         self.omega = self.indicator.normalised()
