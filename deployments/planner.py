@@ -22,7 +22,7 @@ from deployments.router import CONTROL_PLANE
 from deployments.stage import StageDeployment
 from llmpq_serve.config import ServeConfig
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec, default_quant_dir
-from llmpq_serve.spec import GPUSpec, accelerator_types, slot_count
+from llmpq_serve.spec import ClusterSpec, GPUSpec, ModelSpec, accelerator_types, slot_count
 
 logger = logging.getLogger("llmpq")
 
@@ -60,10 +60,8 @@ def stage_app(config: ServeConfig, path: str, quant: QuantOptions, stages: list[
 
 def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tuple[str, StageSpec]], int, int, dict]:
     """((accelerator type, stage) per stage, prefill micro-batch, decode micro-batch, the plan as JSON)."""
+    model = ModelSpec.from_checkpoint(path)
     if config.stages is not None:
-        from llmpq_serve.spec import ModelSpec
-
-        model = ModelSpec.from_checkpoint(path)
         specs = StageSpec.chain([(s.layers[0], s.layers[1], s.bits or [16] * (s.layers[1] - s.layers[0]))
                                  for s in config.stages])
         if specs[-1].end != model.layers:
@@ -81,9 +79,7 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
     from llmpq_serve.quant.apply import QuantCache
     from llmpq_serve.runtime.local import stage_specs
     from llmpq_serve.runtime.quantized import checkpoint_indicator
-    from llmpq_serve.spec import ClusterSpec, ModelSpec
 
-    model = ModelSpec.from_checkpoint(path)
     cluster = ClusterSpec.from_ray() if config.cluster == "ray" else ClusterSpec.from_yaml(config.cluster)
     if not cluster.devices:
         raise ValueError("the Ray cluster shows no GPUs with an accelerator_type; start nodes with --num-gpus and "

@@ -248,11 +248,12 @@ class ClusterSpec(BaseModel):
         devices = []
         for i, node in enumerate(nodes):
             name = node.name or f"node{i}"
-            numbered: dict[str, int] = {}  # a node may list one type in several groups
+            numbered: Counter = Counter()  # a node may list one type in several groups
             for group in node.devices:
                 for _ in range(group.count):
-                    k = numbered[group.type] = numbered.get(group.type, -1) + 1
-                    devices.append(DeviceSpec(id=f"{name}/{group.type}#{k}", node=name, gpu=group.type))
+                    devices.append(DeviceSpec(id=f"{name}/{group.type}#{numbered[group.type]}", node=name,
+                                              gpu=group.type))
+                    numbered[group.type] += 1
         return cls(name=file.name, devices=devices, inter_node_gbs=file.inter_node_gbs)
 
     @classmethod

@@ -364,9 +364,10 @@ def infeasibility_report(problem: Problem, rules: Rules) -> str:
     per_layer = problem.layer_memory(low)
     devices = problem.cluster.devices
     n = len(devices)
+    fixed_by_end = {(a, b): problem.stage_fixed_memory(1, 1, a, b) for a in (False, True) for b in (False, True)}
 
     def fixed(j: int, first: int, last: int) -> float:
-        return problem.stage_fixed_memory(1, 1, j == first, j == last)
+        return fixed_by_end[(j == first, j == last)]
 
     def holds(first: int, last: int) -> list[int]:
         return [max(0, int((problem.usable_memory(d.gpu) - fixed(j, first, last)) // per_layer))

@@ -41,6 +41,12 @@ def has_int4_kernel(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values [out, in] (0..15, in even) -> uint8 [out, in / 2]: values 2j and 2j + 1 of a row in the high and
+    low half of byte j (the order torch's CUDA int4 packing takes)."""
+    return (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+
+
 @functools.cache
 def plane_shifts(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """0..7 as a column [8, 1] on `device`, made once: a copy from the host at every call would wait for a GPU's
@@ -116,16 +122,14 @@ class QuantLinear(nn.Module):
             bias = (8 - gq.zero.float()) * gq.scale
             scales_and_zeros = torch.stack([gq.scale, bias], -1).transpose(0, 1).contiguous()
             if gq.q.is_cuda:
-                pairs = (gq.q[:, ::2] << 4 | gq.q[:, 1::2]).to(torch.uint8)
-                packed = torch.ops.aten._convert_weight_to_int4pack(pairs, CUDA_INNER_K_TILES)
+                packed = torch.ops.aten._convert_weight_to_int4pack(nibbles(gq.q), CUDA_INNER_K_TILES)
                 scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(gq.q.to(torch.int32), 1)
             self.register_buffer("qweight", packed)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
         else:
-            nibbles = (gq.q[:, ::2] << 4 | gq.q[:, 1::2]).to(torch.uint8)
-            self.register_buffer("qweight", nibbles if gq.bits == 4 else bit_planes(gq.q))
+            self.register_buffer("qweight", nibbles(gq.q) if gq.bits == 4 else bit_planes(gq.q))
             self.register_buffer("scale", gq.scale.contiguous())
             self.register_buffer("zero", gq.zero.float() * gq.scale)  # float zero: w = q * scale - zero
 

@@ -12,6 +12,7 @@ from torch import nn
 from llmpq_serve.checkpoint import load_stage_model
 from llmpq_serve.quant.apply import QuantCache, load_layer_state, model_id
 from llmpq_serve.quant.calibration import decoder_layers
+from llmpq_serve.quant.linear import has_int4_kernel
 from llmpq_serve.runtime.kvcache import KVCache
 from llmpq_serve.runtime.layers import Rows, attention_kernels, head_dim_of, layer_forward, rope_of, rotary
 from llmpq_serve.spec import ModelSpec
@@ -58,8 +59,9 @@ def runtime_dtype(device: torch.device) -> torch.dtype:
     where half-precision matmuls are slow."""
     if device.type != "cuda":
         return torch.float32
-    # below compute capability 8.0 (T4, V100) torch only emulates bf16, and is_bf16_supported() says yes to that
-    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    # GPUs without the int4 kernel (below compute capability 8.0: T4, V100) only emulate bf16, and
+    # is_bf16_supported() says yes to that
+    return torch.bfloat16 if has_int4_kernel(device) else torch.float16
 
 
 class StageShard(nn.Module):
