@@ -123,6 +123,25 @@ def gpu_nodes(nodes: list[dict]) -> frozenset:
                      for n in nodes if n["Alive"] and n["Resources"].get("GPU"))
 
 
+def starting_reason(app, types: list[str]) -> str:
+    """Why the stages of `app` (Serve's status of the stage application; `types`: each stage's accelerator type)
+    do not serve yet, for /healthz."""
+    waiting = []
+    for i, ray_type in enumerate(types):
+        d = app.deployments.get(f"stage{i}")
+        if d is None or d.status != "HEALTHY":
+            waiting.append(f"stage{i} ({ray_type}): " + (d.message if d is not None and d.message else "starting"))
+    return f"the model is not loaded yet: the planner is deploying the stages; not up yet: {'; '.join(waiting)}"
+
+
+def start_failure(app) -> str:
+    """What Serve says went wrong in a stage application that failed to deploy."""
+    said = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message and d.status != "HEALTHY"]
+    return "; ".join(said or [app.message or app.status])
+
+
+DEPLOY_POLL_S = 1.0  # how often the planner looks at starting stages (and the cluster under them)
+
 # The router's poll for new stages is a request in flight here. Serve runs __del__, which takes the stage application
 # down with the app, only once no request is: so a poll returns after STAGES_POLL_S at the latest, and the shutdown
 # timeout covers the one in flight and one more that may arrive before the router hears that this replica is going.
@@ -141,16 +160,16 @@ class Planner:
         self.prefix = f"{self.app_prefix}{uuid.uuid4().hex[:6]}-"
         # only a plan for the live cluster changes with it: fixed stages and a cluster file are deployed once
         self.watching = self.config.stages is None and self.config.cluster == "ray"
-        self.generation, self.current, self.stage_app, self.error = 0, None, None, None
+        self.generation, self.current, self.stage_app, self.reason = 0, None, None, None
         self.replans, self._layout = 0, None
         self._changed = asyncio.Condition()
         self._watcher = asyncio.get_event_loop().create_task(self._watch())
 
-    async def next_stages(self, after: int, error_seen: str | None = None, planner: str | None = None) -> dict:
+    async def next_stages(self, after: int, reason_seen: str | None = None, planner: str | None = None) -> dict:
         """Waits for a deployment newer than generation `after` and returns it: {"generation", "planner" (this
         planner's id), "stages" (handles in pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"};
-        or, first, for the planner's error to differ from `error_seen`, and returns {"error": the error or None}; or,
-        after STAGES_POLL_S with neither, {}. The router follows these, asking again each time. `planner`: the id of
+        or, first, for the planner's `reason` (why no new stages serve yet: an error, or the stages still starting)
+        to differ from `reason_seen`, and returns {"reason": it or None}; or, after STAGES_POLL_S with neither, {}. The router follows these, asking again each time. `planner`: the id of
         the last deployment's planner; every deployment of another one (this one, restarted by Serve, counts
         generations from 0 again and has deleted the stages of the one before) is newer."""
         if planner is not None and planner != self.prefix:
@@ -158,14 +177,15 @@ class Planner:
         async with self._changed:
             try:
                 await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.generation > after or self.error != error_seen), STAGES_POLL_S)
+                    self._changed.wait_for(lambda: self.generation > after or self.reason != reason_seen),
+                    STAGES_POLL_S)
             except asyncio.TimeoutError:  # not TimeoutError: on Python 3.10 the two differ
                 return {}
-            return self.current if self.generation > after else {"error": self.error}
+            return self.current if self.generation > after else {"reason": self.reason}
 
     def status(self) -> dict:
         return {"generation": self.generation, "stage_app": self.stage_app, "replans": self.replans,
-                "watching": self.watching, "error": self.error, "node": ray.get_runtime_context().get_node_id()}
+                "watching": self.watching, "reason": self.reason, "node": ray.get_runtime_context().get_node_id()}
 
     async def _watch(self) -> None:
         seen, cleaned = None, False
@@ -176,30 +196,32 @@ class Planner:
                     cleaned = True
                 nodes = await asyncio.to_thread(ray.nodes)
                 members = gpu_nodes(nodes)
-                if members != seen:
-                    await self._deploy(nodes)
+                if members != seen and await self._deploy(nodes):
                     seen = members
                     await self._report(None)
             except Exception as e:  # reported to the router and by status()
                 logger.exception("planning or deploying the stages failed")
-                await self._report(f"{type(e).__name__}: {e}")
+                await self._report(f"the planner could not deploy the stages (it tries again): "
+                                   f"{type(e).__name__}: {e}")
             if seen is not None and not self.watching:
                 return
             await asyncio.sleep(self.config.replan_poll_s)
 
-    async def _report(self, error: str | None) -> None:
+    async def _report(self, reason: str | None) -> None:
         async with self._changed:
-            self.error = error
+            self.reason = reason
             self._changed.notify_all()
 
-    async def _deploy(self, nodes: list[dict]) -> None:
+    async def _deploy(self, nodes: list[dict]) -> bool:
+        """Solves the plan for `nodes` and deploys its stages unless they already serve. False when nodes the stages
+        need left before the stages were up: those stages are deleted, the plan being one for a cluster gone."""
         stages, prefill_mb, decode_mb, doc = await asyncio.to_thread(solve_plan, self.config, self.path, self.quant)
         why = unplaceable([t for t, _ in stages], gpus_by_type(nodes))
         if why is not None:
             raise ValueError(why)
         if (stages, prefill_mb, decode_mb) == self._layout:
             logger.info("the cluster changed but the plan did not: the stages stay")
-            return
+            return True
         if self.stage_app is not None:  # the new stages need the old ones' GPUs; the router holds the requests
             await asyncio.to_thread(serve.delete, self.stage_app)
             # gone: should the cluster come back to the old plan, it must be deployed again, not kept
@@ -208,12 +230,21 @@ class Planner:
         app = stage_app(self.config, str(self.path), self.quant, stages, decode_mb)
         self.stage_app = name  # deploying or deployed, it goes down with the app (__del__)
         try:
-            ingress = await asyncio.to_thread(serve.run, app, name=name, route_prefix=None)
-            handles = await ingress.handles.remote()
+            # not serve.run: it waits for the stages however long their GPUs stay taken, with no word on why, and
+            # meanwhile the cluster could change under a plan made for it
+            [ingress] = await asyncio.to_thread(serve.run_many, [serve.RunTarget(app, name=name, route_prefix=None)],
+                                                wait_for_applications_running=False)
+            up = await self._until_running(name, [t for t, _ in stages])
+            handles = await ingress.handles.remote() if up else None
         except Exception:  # a stage that failed to start: its siblings would hold their GPUs
             self.stage_app = None
             await asyncio.to_thread(serve.delete, name)
             raise
+        if not up:
+            logger.info("nodes the stages of %s need left while they started: planning again", name)
+            self.stage_app = None
+            await asyncio.to_thread(serve.delete, name)
+            return False
         async with self._changed:
             self.replans += self.generation > 0
             self.generation += 1
@@ -222,6 +253,25 @@ class Planner:
             self._layout = (stages, prefill_mb, decode_mb)
             self._changed.notify_all()
         logger.info("stages of plan generation %d deployed as %s", self.generation, name)
+        return True
+
+    async def _until_running(self, name: str, types: list[str]) -> bool:
+        """Waits for the stage application `name` to run, reporting meanwhile which stages are not up yet and what
+        Serve says of them (a stage waiting for a GPU another application holds, one slow to load). False when the
+        alive nodes no longer offer the stages' GPUs (nodes joining leave the stages be: the watch re-plans once
+        they are up); raises when a stage fails to start."""
+        while True:
+            app = (await asyncio.to_thread(serve.status)).applications.get(name)
+            if app is None:
+                raise RuntimeError(f"the stage application {name} was deleted while it started")
+            if app.status == "RUNNING":
+                return True
+            if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"the stages failed to start: {start_failure(app)}")
+            await self._report(starting_reason(app, types))
+            if unplaceable(types, gpus_by_type(await asyncio.to_thread(ray.nodes))) is not None:
+                return False
+            await asyncio.sleep(DEPLOY_POLL_S)
 
     def _remove_stale_stage_apps(self) -> None:
         """Stage applications of an earlier planner of this app (a redeploy, a crash) hold GPUs nobody uses."""

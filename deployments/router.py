@@ -54,20 +54,19 @@ class Router:
         return build_app(lambda: self.engine, lambda: self.not_ready)
 
     async def _follow(self, planner: DeploymentHandle) -> None:
-        error = None
+        reason = None
         while True:
             try:
-                update = await planner.next_stages.remote(self.generation, error, self.planner_id)
+                update = await planner.next_stages.remote(self.generation, reason, self.planner_id)
                 if "stages" in update:
                     await self._switch(update)
             except Exception:  # the planner restarted, the call broke, or the stages did not answer: ask again
                 logger.exception("following the planner's stages failed")
                 await asyncio.sleep(1.0)
                 continue
-            if "error" in update:
-                error = update["error"]
-                self.not_ready = (f"the planner could not deploy the stages (it tries again): {error}" if error
-                                  else STARTING)
+            if "reason" in update:
+                reason = update["reason"]
+                self.not_ready = reason or STARTING
 
     async def _switch(self, update: dict) -> None:
         chain = ring_over(update["stages"])

@@ -2,6 +2,7 @@
 What a live cluster shows (re-plans on join and leave, no stream lost) is in test_replan_ray.py."""
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -17,7 +18,7 @@ def bare_planner(**state) -> object:
     p.path, p.quant = "ckpt", None
     p.app_prefix, p.prefix = "app-stages-", "app-stages-new-"
     p.watching = True
-    p.generation, p.current, p.stage_app, p.error = 0, None, None, None
+    p.generation, p.current, p.stage_app, p.reason = 0, None, None, None
     p.replans, p._layout = 0, None
     p._changed = asyncio.Condition()
     p.__dict__.update(state)
@@ -37,32 +38,107 @@ def test_a_restarted_planners_first_stages_are_new_to_the_router():
     assert fresh["generation"] == 1 and same == {}
 
 
+T4_NODE = {"Alive": True, "Resources": {"GPU": 1, "accelerator_type:T4": 1}}
+ONE_T4_STAGE = ([("T4", StageSpec(0, 4, (16,) * 4, True, True))], 1, 1, {})
+
+
+class FakeServe:
+    """Serve's calls the planner makes, over stage applications whose states a test scripts: `states` is the
+    sequence of (application status, stage0's deployment message) that serve.status() walks through."""
+
+    def __init__(self, monkeypatch, states=(("RUNNING", ""),), fail_run: str | None = None, nodes=(T4_NODE,)):
+        self.deleted, self.runs, self.states, self.fail_run = [], [], list(states), fail_run
+        self.nodes = iter(nodes)
+        self.node_list = [T4_NODE]
+        monkeypatch.setattr(planner_module, "stage_app", lambda *args: "app")
+        monkeypatch.setattr(planner_module, "DEPLOY_POLL_S", 0)
+        monkeypatch.setattr(planner_module.serve, "delete", lambda name, **kw: self.deleted.append(name))
+        monkeypatch.setattr(planner_module.serve, "run_many", self.run_many)
+        monkeypatch.setattr(planner_module.serve, "status", self.status)
+        monkeypatch.setattr(planner_module.ray, "nodes", self.ray_nodes)
+
+    def run_many(self, targets, wait_for_applications_running):
+        assert not wait_for_applications_running
+        self.runs.append(targets[0].name)
+        if self.fail_run:
+            raise RuntimeError(self.fail_run)
+
+        async def handles():
+            return ["stage0 handle"]
+        return [SimpleNamespace(handles=SimpleNamespace(remote=handles))]
+
+    def status(self):
+        status, message = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        stage0 = SimpleNamespace(status="HEALTHY" if status == "RUNNING" else "UPDATING", message=message)
+        app = SimpleNamespace(status=status, message="", deployments={"stage0": stage0})
+        return SimpleNamespace(applications={name: app for name in self.runs})
+
+    def ray_nodes(self):
+        self.node_list = [next(self.nodes, self.node_list[0])]
+        return self.node_list
+
+
 def test_a_failed_deploy_takes_its_stages_down_and_a_later_old_plan_is_deployed_again(monkeypatch):
     """The old stages are deleted, the new ones fail to start: those go too (they would hold GPUs), and when the
-    cluster comes back to the old plan it is deployed again, not taken as still there."""
-    deleted, runs = [], []
-    old = ([("T4", StageSpec(0, 4, (16,) * 4, True, True))], 1, 1, {})
+    cluster comes back to the old plan it is deployed again, not taken as still there. A stage may fail at once
+    or once Serve has tried to start it."""
     new = ([("T4", StageSpec(0, 4, (8,) * 4, True, True))], 1, 1, {})
-    plans = iter([new, old])
-
-    def run(app, name, route_prefix):
-        runs.append(name)
-        raise RuntimeError("stage0 failed to load")
-
+    plans = iter([new, ONE_T4_STAGE])
     monkeypatch.setattr(planner_module, "solve_plan", lambda *args: next(plans))
-    monkeypatch.setattr(planner_module, "stage_app", lambda *args: "app")
-    monkeypatch.setattr(planner_module.serve, "delete", lambda name, **kw: deleted.append(name))
-    monkeypatch.setattr(planner_module.serve, "run", run)
-    nodes = [{"Alive": True, "Resources": {"GPU": 1, "accelerator_type:T4": 1}}]
-    p = bare_planner(generation=2, stage_app="app-stages-new-2", _layout=old[:3])
+    p = bare_planner(generation=2, stage_app="app-stages-new-2", _layout=ONE_T4_STAGE[:3])
     try:
-        for _ in range(2):
-            with pytest.raises(RuntimeError, match="failed to load"):
-                asyncio.run(p._deploy(nodes))
-        assert deleted == ["app-stages-new-2", "app-stages-new-3", "app-stages-new-3"]
-        assert runs == ["app-stages-new-3", "app-stages-new-3"] and p.stage_app is None
+        fake = FakeServe(monkeypatch, fail_run="stage0 failed to load")
+        with pytest.raises(RuntimeError, match="failed to load"):
+            asyncio.run(p._deploy([T4_NODE]))
+        fake = FakeServe(monkeypatch, states=[("DEPLOYING", ""), ("DEPLOY_FAILED", "CUDA out of memory")])
+        with pytest.raises(RuntimeError, match="the stages failed to start: stage0: CUDA out of memory"):
+            asyncio.run(p._deploy([T4_NODE]))
+        assert fake.deleted == ["app-stages-new-3"] and fake.runs == ["app-stages-new-3"] and p.stage_app is None
     finally:
         p.stage_app = None  # its __del__ must not reach a real Serve once the fakes are gone
+
+
+def test_stages_waiting_for_their_gpus_say_why_and_serve_once_up(monkeypatch):
+    """Another application holds the GPU: the planner does not block in serve.run but reports, as the router's
+    not-ready reason, which stage waits and what Serve says of it; once the stage runs, its handles are served."""
+    waiting = "has 1 replicas that have taken more than 30s to be scheduled"
+    fake = FakeServe(monkeypatch, states=[("DEPLOYING", ""), ("DEPLOYING", waiting), ("RUNNING", "")])
+    monkeypatch.setattr(planner_module, "solve_plan", lambda *args: ONE_T4_STAGE)
+    p = bare_planner()
+    reasons = []
+
+    async def go():
+        follow = asyncio.create_task(follow_reasons())
+        assert await p._deploy([T4_NODE])
+        follow.cancel()
+
+    async def follow_reasons():
+        while True:
+            update = await p.next_stages(0, reasons[-1] if reasons else None)
+            if "reason" in update:
+                reasons.append(update["reason"])
+
+    try:
+        asyncio.run(go())
+        assert reasons[0].endswith("not up yet: stage0 (T4): starting")
+        assert any(r.endswith(f"stage0 (T4): {waiting}") for r in reasons)
+        assert p.generation == 1 and p.current["stages"] == ["stage0 handle"] and fake.deleted == []
+    finally:
+        p.stage_app = None
+
+
+def test_stages_whose_node_leaves_while_they_start_are_dropped_for_a_new_plan(monkeypatch):
+    """The T4 node the starting stage waits for leaves: that stage would wait forever, so the planner deletes it
+    and returns for the watch to plan again; a node joining meanwhile leaves the starting stages be."""
+    v100 = {"Alive": True, "Resources": {"GPU": 1, "accelerator_type:V100": 1}}
+    monkeypatch.setattr(planner_module, "solve_plan", lambda *args: ONE_T4_STAGE)
+    fake = FakeServe(monkeypatch, states=[("DEPLOYING", "")], nodes=[T4_NODE, T4_NODE, v100])
+    p = bare_planner()
+    try:
+        assert asyncio.run(p._deploy([T4_NODE])) is False
+        assert fake.deleted == fake.runs == ["app-stages-new-1"] and p.stage_app is None and p.generation == 0
+    finally:
+        p.stage_app = None
 
 
 def test_fixed_stages_must_follow_each_other_from_layer_0():

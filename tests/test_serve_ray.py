@@ -4,6 +4,7 @@ types, the Ray and local transports agree, the planner path deploys, and the API
 
 import asyncio
 import itertools
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +23,10 @@ TYPES = ["T4", "T4", "V100"]  # stage i goes to TYPES[i]
 def cluster():
     from ray.cluster_utils import Cluster
 
+    # Serve says why a replica has not started after this long (30 s by default): the planner passes it on
+    slow_start = {"RAY_SERVE_SLOW_STARTUP_WARNING_S": "1", "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1"}
+    saved = {k: os.environ.get(k) for k in slow_start}
+    os.environ.update(slow_start)  # the cluster's processes inherit it
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
         c.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:T4": 1})
@@ -35,6 +40,11 @@ def cluster():
         serve.shutdown()
         ray.shutdown()
         c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def deploy(path, n_stages: int, **extra):
@@ -72,6 +82,34 @@ def test_stages_of_a_type_no_node_offers_are_refused_with_a_reason(cluster, demo
     assert health.status_code == 503 and "T4" in health.json()["reason"] and "V100" in health.json()["reason"]
     answer = httpx.post(f"{cluster}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
     assert answer.status_code == 503 and "H900" in answer.json()["error"]["message"]
+
+
+@serve.deployment(ray_actor_options={"num_gpus": 1, "num_cpus": 0, "accelerator_type": "V100"})
+class V100Holder:
+    """Another application's replica that holds the cluster's one V100."""
+
+    def __call__(self) -> str:
+        return "held"
+
+
+def test_a_stage_whose_gpu_another_app_holds_says_so_and_serves_once_it_is_freed(cluster, demo_checkpoint):
+    from deployments.app import build_app
+
+    serve.run(V100Holder.bind(), name="holder", route_prefix=None)
+    try:
+        router = serve.run(build_app({"model": str(demo_checkpoint("opt")),
+                                      "stages": [{"accelerator_type": "V100", "layers": [0, 3]}],
+                                      "prefill_micro_batch": 1, "decode_micro_batch": 1, "max_context": 64}),
+                           name="llmpq", route_prefix="/")
+        deadline = time.monotonic() + 120
+        while "to be scheduled" not in (health := httpx.get(f"{cluster}/healthz", timeout=30)).json()["reason"]:
+            assert time.monotonic() < deadline, health.text
+            time.sleep(0.5)
+        assert health.status_code == 503 and "stage0 (V100)" in health.json()["reason"]
+    finally:
+        serve.delete("holder")
+    wait_ready(router, timeout_s=120)
+    assert len(complete(cluster, ["the"], max_tokens=2)) == 1
 
 
 def complete(url: str, prompts: list[str], **body) -> list[dict]:
