@@ -90,7 +90,7 @@ class FakeEngine:
         return {"stages": [{"device": "T4", "layers": [0, 12]}]}
 
     def health(self) -> dict:
-        return {"ready": self.ready, "queue_depth": 3, "resumed_requests": 2}
+        return {"ready": self.ready, "queue_depth": 3, "resumed_requests": 2, "pipeline_down_s": 4.5}
 
 
 @pytest.fixture
@@ -438,5 +438,6 @@ async def test_metrics(client: httpx.AsyncClient, engine: FakeEngine) -> None:
             "llmpq_requests_cancelled_total 0.0",
             "llmpq_engine_errors_total 0.0",
             "llmpq_queue_depth 3.0",
-            "llmpq_requests_resumed 2.0"} <= lines
+            "llmpq_requests_resumed 2.0",
+            "llmpq_pipeline_down_seconds 4.5"} <= lines
     assert not any("/metrics" in line for line in lines)

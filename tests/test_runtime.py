@@ -473,6 +473,54 @@ def test_a_step_that_gets_through_during_a_recovery_strands_no_lost_request():
     assert asyncio.run(go()) == (None, None, 2)
 
 
+class OutageChain(FlakyChain):
+    """A FlakyChain that is lost while `down` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = False
+
+    async def forward(self, rows, x):
+        if self.down:
+            await asyncio.sleep(0.01)
+            raise ChainLostError("the stage ring is down")
+        return await super().forward(rows, x)
+
+
+def test_health_is_not_ready_while_requests_wait_for_a_lost_stage():
+    """While the chain is down with a request waiting on it, the engine's health is not ready and says why; once
+    the chain is back the request finishes and health is ready again. A recovery that finds no request left clears
+    the mark too: no step would ever clear it, and a load balancer heeding it would send none."""
+    from llmpq_serve.runtime.engine import PipelineEngine
+
+    async def go():
+        chain = OutageChain()
+        engine = PipelineEngine(scheduler_over(chain, 1, 1, 1), StubTokenizer(), "t", dict)
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        chain.down = True
+        req = engine.scheduler.submit([1, 2], params)
+        await asyncio.sleep(0.3)
+        during = engine.health()
+        chain.down = False
+        error, after = await finish(req), engine.health()
+        chain.down = True
+        gone = engine.scheduler.submit([1, 2], params)
+        await asyncio.sleep(0.1)
+        lost_then = engine.health()["ready"]
+        engine.scheduler.cancel(gone)  # its client left while it waited
+        await asyncio.sleep(1.0)
+        try:
+            return during, error, after, lost_then, engine.health()
+        finally:
+            await engine.scheduler.stop()
+
+    during, error, after, lost_then, alone = asyncio.run(go())
+    assert not during["ready"] and "down for 0 s: 1 request(s) wait" in during["reason"]
+    assert 0 < during["pipeline_down_s"] < 1
+    assert error is None and after["ready"] and "reason" not in after and "pipeline_down_s" not in after
+    assert not lost_then and alone["ready"]
+
+
 def test_a_switch_to_fewer_slots_finishes_a_cancelled_request_in_a_slot_the_new_pool_lacks():
     """A client left while its request held slot 7; the re-plan's new pool has 6 slots. The others go on."""
     async def go():

@@ -33,7 +33,12 @@ class PipelineEngine:
         return self._plan()
 
     def health(self) -> dict[str, Any]:
+        """Not ready while requests wait for a lost stage: a load balancer should send new ones elsewhere."""
         s = self.scheduler
-        return {"ready": True, "queue_depth": len(s.waiting), "running": s.running, "free_slots": s.pool.free,
-                "resumed_requests": s.resumed,
-                "stage_busy_s": [round(b, 3) for b in s.stage_busy_s]}
+        health = {"ready": True, "queue_depth": len(s.waiting), "running": s.running, "free_slots": s.pool.free,
+                  "resumed_requests": s.resumed, "stage_busy_s": [round(b, 3) for b in s.stage_busy_s]}
+        if (down_s := s.down_s) is not None:
+            health.update(ready=False, pipeline_down_s=round(down_s, 1),
+                          reason=f"a pipeline stage has been down for {down_s:.0f} s: {len(s.live)} request(s) wait "
+                                 f"for it to come back or be replaced, for up to {s.options.recovery_s:.0f} s")
+        return health

@@ -209,6 +209,12 @@ class Scheduler:
         return self.chain.busy_s
 
     @property
+    def down_s(self) -> float | None:
+        """Seconds since the chain was lost while requests wait for it to come back or be replaced; None while it
+        serves, or once nothing waits on it (the next request finds out whether it is back)."""
+        return None if self._lost_since is None else time.monotonic() - self._lost_since
+
+    @property
     def running(self) -> int:
         return sum(len(g) for g in self.decoding)
 
@@ -270,6 +276,8 @@ class Scheduler:
         lost_since = self._lost_since
         if lost_since is None or time.monotonic() - lost_since <= self.options.recovery_s:
             await self.switch(self.chain)
+            if not self.live:  # no step will tell whether the chain is back: a request that comes will
+                self._lost_since = None
             return
         await self.stop()
         lost = ChainLostError(f"the pipeline has been down for over {self.options.recovery_s:.0f} s: {error}")

@@ -17,6 +17,8 @@ ENGINE_GAUGES = {
     "queue_depth": ("llmpq_queue_depth", "Requests waiting in the engine's queue"),
     "resumed_requests": ("llmpq_requests_resumed",
                          "Requests prefilled again with their tokens, on new stages (a re-plan) or a reopened ring"),
+    "pipeline_down_s": ("llmpq_pipeline_down_seconds",
+                        "How long a lost stage has kept requests waiting (exported only while it does)"),
 }
 
 
