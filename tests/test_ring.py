@@ -6,7 +6,6 @@ import asyncio
 import datetime
 import socket
 import threading
-import time
 
 import pytest
 import torch
@@ -101,8 +100,10 @@ def test_a_failed_micro_batch_fails_its_requests_and_the_ring_goes_on(demo_check
 
 def test_a_decode_step_runs_beside_a_prefill_at_a_stage_and_overtakes_it():
     """Each stage's prefill here cannot finish until a decode step has run on that stage: with one lane per stage
-    the decode step would wait behind it and the prefill would time out."""
+    the decode step would wait behind it and the prefill would time out. The last stage's prefill also waits for the
+    decode step to be back at the router, so which of the two lanes sends first cannot decide the order."""
     decoded = [threading.Event(), threading.Event()]
+    decode_back = threading.Event()
 
     def stage(k):
         def run(rows, x):
@@ -110,10 +111,8 @@ def test_a_decode_step_runs_beside_a_prefill_at_a_stage_and_overtakes_it():
                 decoded[k].set()
             elif not decoded[k].wait(timeout=20):
                 raise TimeoutError("no decode step ran beside this prefill")
-            else:
-                # the prefill goes on after the decode step ran: without this, which lane's thread gets the GIL
-                # first after the event decided the order, and the test failed once in a loaded run
-                time.sleep(0.2)
+            elif k == 1 and not decode_back.wait(timeout=20):
+                raise TimeoutError("the decode step did not get back while the prefill waited")
             return x + 1
 
         return run
@@ -132,6 +131,7 @@ def test_a_decode_step_runs_beside_a_prefill_at_a_stage_and_overtakes_it():
         decode = asyncio.create_task(chain.forward(RowsSpec([1], [5], [1]), torch.tensor([10.0])))
         for name, task in (("prefill", prefill), ("decode", decode)):
             task.add_done_callback(lambda _, name=name: finished.append(name))
+        decode.add_done_callback(lambda _: decode_back.set())
         results = await asyncio.gather(prefill, decode)
         chain.close()
         return finished, results
