@@ -140,6 +140,8 @@ def start_failure(app) -> str:
     return "; ".join(said or [app.message or app.status])
 
 
+PLANNING = ("the model is not loaded yet: the planner is solving the plan (a model's first plan also calibrates its "
+            "quality indicator, which takes minutes; the planner's log shows progress)")
 DEPLOY_POLL_S = 1.0  # how often the planner looks at starting stages (and the cluster under them)
 
 # The router's poll for new stages is a request in flight here. Serve runs __del__, which takes the stage application
@@ -215,6 +217,7 @@ class Planner:
     async def _deploy(self, nodes: list[dict]) -> bool:
         """Solves the plan for `nodes` and deploys its stages unless they already serve. False when nodes the stages
         need left before the stages were up: those stages are deleted, the plan being one for a cluster gone."""
+        await self._report(PLANNING)
         stages, prefill_mb, decode_mb, doc = await asyncio.to_thread(solve_plan, self.config, self.path, self.quant)
         why = unplaceable([t for t, _ in stages], gpus_by_type(nodes))
         if why is not None:
