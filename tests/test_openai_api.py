@@ -57,6 +57,7 @@ class FakeEngine:
         self.reply = tokenizer.encode(REPLY, add_special_tokens=False)
         self.ready = True
         self.retry_after: float | None = None  # raise QueueFullError with it
+        self.capacity: int | None = None  # requests it takes before it raises QueueFullError
         self.fail_at: int | None = None  # raise before this event
         self.hang_at: int | None = None  # wait forever before this event
         self.requests: list[tuple[list[int], SamplingParams, str]] = []
@@ -65,8 +66,8 @@ class FakeEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str) -> AsyncIterator[GenerationEvent]:
         self.requests.append((prompt_ids, params, request_id))
-        if self.retry_after is not None:
-            raise QueueFullError(self.retry_after)
+        if self.retry_after is not None or (self.capacity is not None and len(self.requests) > self.capacity):
+            raise QueueFullError(self.retry_after or 1.0)
         finished = False
         try:
             for i in range(params.max_tokens):
@@ -171,6 +172,47 @@ async def test_streamed_completion_matches_the_plain_one(client: httpx.AsyncClie
     assert usage["choices"] == [] and usage["usage"] == plain["usage"]
 
 
+async def test_a_batch_of_prompts_with_several_choices_each(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    """Choice i * n + j is prompt i's j-th, drawn with seed + j; each prompt's tokens count once in the usage."""
+    request = {"prompt": ["hello", [5, 6, 7]], "n": 2, "max_tokens": 4, "seed": 10}
+    body = (await client.post("/v1/completions", json=request)).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["text"] == reply_text(engine, 4) and c["finish_reason"] == "length" for c in body["choices"])
+    hello = engine.tokenizer.encode("hello")
+    assert [(ids, params.seed) for ids, params, _ in engine.requests] == [(hello, 10), (hello, 11), ([5, 6, 7], 10),
+                                                                         ([5, 6, 7], 11)]
+    assert [rid for *_, rid in engine.requests] == [f"{body['id']}-{i}" for i in range(4)]
+    assert body["usage"] == {"prompt_tokens": len(hello) + 3, "completion_tokens": 16, "total_tokens": len(hello) + 19}
+
+
+async def test_streamed_chat_choices_are_told_apart_by_their_index(client: httpx.AsyncClient,
+                                                                   engine: FakeEngine) -> None:
+    request = {"messages": [{"role": "user", "content": "hello"}], "n": 3, "stream": True, "max_tokens": 5,
+               "stream_options": {"include_usage": True}}
+    *chunks, usage, done = sse_payloads((await client.post("/v1/chat/completions", json=request)).text)
+    openings, chunks = chunks[:3], chunks[3:]
+    assert [(o["choices"][0]["index"], o["choices"][0]["delta"]) for o in openings] == [
+        (i, {"role": "assistant", "content": ""}) for i in range(3)]
+    for i in range(3):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(c["delta"]["content"] for c in mine) == reply_text(engine, 5)
+        assert [c["finish_reason"] for c in mine] == [None] * 4 + ["length"]
+    assert {c["choices"][0]["index"] for c in chunks[:3]} == {0, 1, 2}  # side by side, not one after another
+    assert usage["usage"]["completion_tokens"] == 15 and done == "[DONE]"
+    assert usage["usage"]["prompt_tokens"] == len(engine.requests[0][0])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_choice_the_queue_refuses_refuses_the_request_and_cancels_the_others(
+        client: httpx.AsyncClient, engine: FakeEngine, stream: bool) -> None:
+    engine.capacity = 2
+    response = await client.post("/v1/completions", json={"prompt": "hi", "n": 3, "stream": stream})
+    assert_error(response, 429, "queue_full")
+    assert engine.cancelled == [rid for *_, rid in engine.requests[:2]]
+    metrics = (await client.get("/metrics")).text
+    assert "llmpq_requests_running 0.0" in metrics
+
+
 async def test_chat_with_the_tokenizers_template(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     engine.tokenizer.chat_template = CHAT_TEMPLATE
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello", "name": "ann"}]
@@ -239,8 +281,9 @@ async def test_why_the_engine_is_not_there_is_said_to_the_client() -> None:
     ("/v1/completions", {"prompt": "hi", "stream": "sometimes"}, 400, None, "stream"),
     ("/v1/completions", {"prompt": ""}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, None, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, None, "prompt"),
-    ("/v1/completions", {"prompt": [[1], [2]]}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": [[1], []]}, 400, None, "prompt"),
+    ("/v1/completions", {"prompt": [[1], [2, 100000]]}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": [5, 100000]}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": [-1]}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, None, "max_tokens"),
@@ -249,7 +292,9 @@ async def test_why_the_engine_is_not_there_is_said_to_the_client() -> None:
     ("/v1/completions", {"prompt": "hi", "temperature": -0.1}, 400, None, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, None, "top_p"),
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, None, "top_p"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 65}, 400, None, "n"),
+    ("/v1/completions", {"prompt": ["hi"] * 8, "n": 9}, 400, None, "n"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
     ("/v1/chat/completions", {"messages": []}, 400, None, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, None, "messages"),
@@ -400,6 +445,8 @@ async def test_client_disconnect_cancels_the_request(engine: FakeEngine, spec_ve
 
     async def send(message: dict) -> None:
         if gone.is_set():
+            if spec_version == "2.0":  # before 2.4 the spec left a send to a closed connection to the server
+                return
             raise OSError("connection reset")
         if message["type"] == "http.response.body" and message["body"]:
             received.append(message["body"])

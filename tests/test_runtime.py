@@ -73,6 +73,35 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(demo_checkpoint):
     assert crowd[0] == alone[0]
 
 
+def test_a_batch_with_several_choices_over_http_matches_one_request_per_choice(demo_checkpoint):
+    """The real engine behind the HTTP API: 2 prompts x n=2 in one request. Greedy, every choice of a prompt is
+    HF's greedy continuation; seeded, choice j of a prompt is what a request of its own with seed + j draws."""
+    import httpx
+
+    from llmpq_serve.server.openai_app import build_app
+
+    path = demo_checkpoint("llama")
+    engine = local_engine(path, even_stages(3, 2), 2, 2, 4, 64)
+    body = {"prompt": PROMPTS[:2], "n": 2, "max_tokens": NEW, "ignore_eos": True}
+    sampled = {"temperature": 0.9, "top_p": 0.95}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(lambda: engine)),
+                                     base_url="http://test", timeout=120) as http:
+            greedy = (await http.post("/v1/completions", json=body | {"temperature": 0})).json()
+            seeded = (await http.post("/v1/completions", json=body | sampled | {"seed": 5})).json()
+            alone = [(await http.post("/v1/completions", json=body | sampled | {"prompt": p, "n": 1, "seed": 5 + j}))
+                     .json()["choices"][0]["text"] for p in PROMPTS[:2] for j in range(2)]
+        await engine.scheduler.stop()
+        return greedy, seeded, alone
+
+    greedy, seeded, alone = asyncio.run(go())
+    expected = [engine.tokenizer.decode(ids, skip_special_tokens=True) for ids in hf_greedy(path, PROMPTS[:2])]
+    assert [c["text"] for c in greedy["choices"]] == [expected[0]] * 2 + [expected[1]] * 2
+    assert [c["text"] for c in seeded["choices"]] == alone and alone[0] != alone[1]
+    assert engine.scheduler.pool.free == engine.scheduler.pool.slots
+
+
 def test_cancel_frees_the_slot(demo_checkpoint):
     path = demo_checkpoint("llama")
     engine = local_engine(path, even_stages(3, 2), 1, 1, 1, 64)

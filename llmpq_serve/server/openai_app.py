@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from llmpq_serve import __version__
 from llmpq_serve.runtime.sampling import SamplingParams
 from llmpq_serve.server import sse
+from llmpq_serve.server.choices import Choices
 from llmpq_serve.server.engine import Engine, GenerationEvent
 from llmpq_serve.server.errors import NOT_LOADED, APIError, engine_not_ready, install_error_handlers
 from llmpq_serve.server.formats import ChatFormat, CompletionFormat, Format
@@ -23,6 +24,7 @@ from llmpq_serve.server.generation import Generation
 from llmpq_serve.server.metrics import RequestCounter, ServerMetrics
 from llmpq_serve.server.prompts import chat_prompt, completion_prompt, max_new_tokens
 from llmpq_serve.server.protocol import (
+    MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
@@ -62,11 +64,14 @@ def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], s
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest) -> Response:
         engine = engine_for(request.model)
-        prompt_ids = completion_prompt(engine.tokenizer, request.prompt)
-        limit = max_new_tokens(len(prompt_ids), request.max_tokens, engine.max_context, prompt_param="prompt",
-                               limit_param="max_tokens")
-        gen = Generation(engine, prompt_ids, _sampling(request, limit), f"cmpl-{uuid.uuid4().hex}", metrics)
-        return await _respond(gen, CompletionFormat(gen.request_id, engine.model_name), request)
+        prompts = []
+        for prompt in request.prompt:
+            ids = completion_prompt(engine.tokenizer, prompt)
+            prompts.append((ids, max_new_tokens(len(ids), request.max_tokens, engine.max_context,
+                                                prompt_param="prompt", limit_param="max_tokens")))
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        choices = await _start(engine, request, prompts, request_id, metrics)
+        return await _respond(choices, CompletionFormat(request_id, engine.model_name), request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatCompletionRequest) -> Response:
@@ -75,8 +80,9 @@ def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], s
         limit_param = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
         limit = max_new_tokens(len(prompt_ids), request.max_new_tokens, engine.max_context, prompt_param="messages",
                                limit_param=limit_param)
-        gen = Generation(engine, prompt_ids, _sampling(request, limit), f"chatcmpl-{uuid.uuid4().hex}", metrics)
-        return await _respond(gen, ChatFormat(gen.request_id, engine.model_name), request)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = await _start(engine, request, [(prompt_ids, limit)], request_id, metrics)
+        return await _respond(choices, ChatFormat(request_id, engine.model_name), request)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -110,50 +116,72 @@ def _health(engine: Engine | None, not_ready: Callable[[], str]) -> dict:
         return {"ready": False, "reason": "the engine's health check failed"}
 
 
-def _sampling(request: GenerationRequest, max_tokens: int) -> SamplingParams:
+def _sampling(request: GenerationRequest, max_tokens: int, sample: int) -> SamplingParams:
     try:
-        return request.sampling_params(max_tokens)
+        return request.sampling_params(max_tokens, sample)
     except ValidationError as exc:  # limits of the runtime's own beyond those of the request model
         error = exc.errors()[0]
         param = ".".join(str(part) for part in error["loc"])
         raise APIError(400, f"invalid request: {param}: {error['msg']}", param=param) from exc
 
 
-async def _respond(gen: Generation, fmt: Format, request: GenerationRequest) -> Response:
-    if request.stream:
-        return await _stream(gen, fmt, request.include_usage)
+async def _start(engine: Engine, request: GenerationRequest, prompts: list[tuple[list[int], int]], request_id: str,
+                 metrics: ServerMetrics) -> Choices:
+    """`request.n` choices of each (prompt ids, token limit), choice i * n + j being prompt i's j-th (OpenAI's
+    order)."""
+    if len(prompts) * request.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompt(s) x n={request.n} asks for {len(prompts) * request.n} choices; "
+                       f"one request may ask for at most {MAX_CHOICES}", param="n")
+    wanted = [(ids, _sampling(request, limit, j)) for ids, limit in prompts for j in range(request.n)]
+    gens: list[Generation] = []
     try:
-        parts = []
-        while (event := await gen.next()) is not None:
-            parts.append(event.text)
-    finally:
-        await gen.close()
-    return JSONResponse(fmt.response("".join(parts), gen.finish_reason, gen.usage()).model_dump())
-
-
-async def _stream(gen: Generation, fmt: Format, include_usage: bool) -> sse.EventStream:
-    """Answers only once the engine has sent its first event: before that it may still refuse the request, and
-    the status code (429 rather than 200) depends on it."""
-    try:
-        first = await gen.next()
+        for i, (ids, params) in enumerate(wanted):
+            gens.append(Generation(engine, ids, params, request_id if len(wanted) == 1 else f"{request_id}-{i}",
+                                   metrics))
     except BaseException:
-        await gen.close()
+        for gen in gens:
+            await gen.close()
         raise
-    return sse.EventStream(_events(gen, first, fmt, include_usage), on_close=gen.close)
+    return Choices(gens, sum(len(ids) for ids, _ in prompts))
 
 
-async def _events(gen: Generation, first: GenerationEvent | None, fmt: Format,
-                  include_usage: bool) -> AsyncIterator[str]:
-    for payload in fmt.opening():
-        yield sse.event(payload)
-    event = first
+async def _respond(choices: Choices, fmt: Format, request: GenerationRequest) -> Response:
+    if request.stream:
+        return await _stream(choices, fmt, request.include_usage)
+    texts: list[list[str]] = [[] for _ in choices.generations]
     try:
-        while event is not None:
+        while (item := await choices.next()) is not None:
+            texts[item[0]].append(item[1].text)
+    finally:
+        await choices.close()
+    whole = [("".join(parts), choices.finish_reason(i)) for i, parts in enumerate(texts)]
+    return JSONResponse(fmt.response(whole, choices.usage()).model_dump())
+
+
+async def _stream(choices: Choices, fmt: Format, include_usage: bool) -> sse.EventStream:
+    """Answers only once the engine has sent a first event: before that it may still refuse the request, and the
+    status code (429 rather than 200) depends on it."""
+    try:
+        first = await choices.next()
+    except BaseException:
+        await choices.close()
+        raise
+    return sse.EventStream(_events(choices, first, fmt, include_usage), on_close=choices.close)
+
+
+async def _events(choices: Choices, first: tuple[int, GenerationEvent] | None, fmt: Format,
+                  include_usage: bool) -> AsyncIterator[str]:
+    for payload in fmt.opening(len(choices.generations)):
+        yield sse.event(payload)
+    item = first
+    try:
+        while item is not None:
+            index, event = item
             if event.text or event.finish_reason is not None:
-                yield sse.event(fmt.chunk(event))
-            event = await gen.next()
+                yield sse.event(fmt.chunk(index, event))
+            item = await choices.next()
         if include_usage:
-            yield sse.event(fmt.usage_chunk(gen.usage()))
+            yield sse.event(fmt.usage_chunk(choices.usage()))
     except APIError as err:
         # The 200 and its headers are out, so the error can only go in-band; the stream then ends as usual.
         yield sse.event(err.body)

@@ -14,21 +14,19 @@ from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter, ValidationI
 from llmpq_serve.runtime.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 64  # prompts x n in one request: each choice is a request of its own in the engine's queue
 NOT_IMPLEMENTED = ("echo", "suffix", "best_of", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
                    "logit_bias", "tools", "functions", "response_format")
 # what a not-implemented parameter may be set to besides null, false, 0 and empty: values that ask for nothing
 _ASKS_NOTHING = {"best_of": 1, "response_format": {"type": "text"}}
 
 
-def _one_prompt(value: Any) -> Any:
-    """OpenAI takes a batch of prompts; one request here generates one sequence, so a batch must hold one prompt."""
-    if isinstance(value, list) and value and isinstance(value[0], str | list):
-        if len(value) > 1:
-            raise ValueError("a batch of several prompts is not supported; send one prompt per request")
-        value = value[0]
-    if isinstance(value, str | list) and not value:
+def _prompt_batch(value: Any) -> Any:
+    """OpenAI's prompt (a text, token ids, or a batch of either) as the list of its prompts."""
+    batch = value if isinstance(value, list) and value and isinstance(value[0], str | list) else [value]
+    if any(isinstance(p, str | list) and not p for p in batch):
         raise ValueError("the prompt is empty")
-    return value
+    return batch
 
 
 class StreamOptions(BaseModel):
@@ -47,7 +45,7 @@ class GenerationRequest(BaseModel):
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -84,26 +82,22 @@ class GenerationRequest(BaseModel):
             return []
         return [value] if isinstance(value, str) else value
 
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Fields the client left out (or sent as null) keep SamplingParams' defaults."""
+    def sampling_params(self, max_tokens: int, sample: int = 0) -> SamplingParams:
+        """Fields the client left out (or sent as null) keep SamplingParams' defaults. `sample`: which of a prompt's
+        `n` choices; with a seed, choice j draws from seed + j, so the n differ and each is reproducible."""
         given = self.model_dump(include={"temperature", "top_p", "top_k", "seed"}, exclude_none=True)
+        if self.seed is not None:
+            given["seed"] = self.seed + sample
         return SamplingParams(max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
                               ignore_eos=self.ignore_eos, **given)
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Annotated[str | list[int], BeforeValidator(_one_prompt)]
+    prompt: Annotated[list[str | list[int]], BeforeValidator(_prompt_batch)]
     max_tokens: int | None = Field(16, ge=1, description="null: as many as the context leaves")
 
 
