@@ -12,7 +12,6 @@ from llmpq_serve.runtime.sampling import SamplingParams
 from llmpq_serve.server.engine import Engine, GenerationEvent, QueueFullError
 from llmpq_serve.server.errors import APIError, engine_failed, queue_full
 from llmpq_serve.server.metrics import ServerMetrics
-from llmpq_serve.server.protocol import Usage
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +56,6 @@ class Generation:
             self._metrics.ttft.observe(self._first_at - self._started_at)
         self.last = event
         return event
-
-    def usage(self) -> Usage:
-        assert self.last is not None, "usage is known once the engine has sent an event"
-        return Usage(prompt_tokens=self.last.prompt_tokens, completion_tokens=self.last.completion_tokens,
-                     total_tokens=self.last.prompt_tokens + self.last.completion_tokens)
 
     async def close(self) -> None:
         # Shielded: when the client goes away the request's task is being cancelled, and the engine must still hear
