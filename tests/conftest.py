@@ -1,4 +1,6 @@
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -26,17 +28,28 @@ def three_dev() -> ClusterSpec:
         {"name": "b", "devices": [{"type": "V100-SXM2-32GB", "count": 1}]}]})
 
 
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """These environment variables set (Ray processes started meanwhile inherit them), then as they were."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Quantized layers and indicators the tests make go to a temporary $LLMPQ_CACHE, not the user's ~/.cache; Ray
-    workers the tests start inherit it."""
-    old = os.environ.get("LLMPQ_CACHE")
-    os.environ["LLMPQ_CACHE"] = str(tmp_path_factory.mktemp("llmpq-cache"))
-    yield
-    if old is None:
-        os.environ.pop("LLMPQ_CACHE", None)
-    else:
-        os.environ["LLMPQ_CACHE"] = old
+def _test_environment(tmp_path_factory):
+    """Quantized layers and indicators the tests make go to a temporary $LLMPQ_CACHE, not the user's ~/.cache. Ray
+    gives its control store 30 s to come up, which a loaded 2-core CI machine once exceeded, failing a whole module
+    at setup: 120 s here."""
+    with environ(LLMPQ_CACHE=str(tmp_path_factory.mktemp("llmpq-cache")), RAY_gcs_server_port_wait_time_s="120"):
+        yield
 
 
 QUICK_DEMO = {"steps": 12, "train_chars": 200_000, "layers": 3}

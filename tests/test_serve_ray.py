@@ -4,7 +4,6 @@ types, the Ray and local transports agree, the planner path deploys, and the API
 
 import asyncio
 import itertools
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,6 +13,7 @@ import ray
 from ray import serve
 
 from llmpq_serve.runtime.ring import free_port
+from tests.conftest import environ
 from tests.test_runtime import NEW, PROMPTS, hf_greedy, run_all
 
 TYPES = ["T4", "T4", "V100"]  # stage i goes to TYPES[i]
@@ -24,10 +24,8 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     # Serve says why a replica has not started after this long (30 s by default): the planner passes it on
-    slow_start = {"RAY_SERVE_SLOW_STARTUP_WARNING_S": "1", "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1"}
-    saved = {k: os.environ.get(k) for k in slow_start}
-    os.environ.update(slow_start)  # the cluster's processes inherit it
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    with environ(RAY_SERVE_SLOW_STARTUP_WARNING_S="1", RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S="1"):
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     try:
         c.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:T4": 1})
         c.add_node(num_cpus=2, num_gpus=1, resources={"accelerator_type:V100": 1})
@@ -40,11 +38,6 @@ def cluster():
         serve.shutdown()
         ray.shutdown()
         c.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
 
 
 def deploy(path, n_stages: int, **extra):
