@@ -22,8 +22,10 @@ class Choices:
         self._answered = asyncio.Event()
         self._early_error: APIError | None = None  # of a choice that failed before its first event
         self._closed: set[int] = set()
-        # an engine request is submitted when its task first asks for an event: all of them in the same loop turn
-        self._tasks = [asyncio.create_task(self._follow(i, g)) for i, g in enumerate(generations)]
+        # an engine request is submitted when its task first asks for an event: all of them in the same loop turn.
+        # One choice, the common case, is read straight from its generation: merging costs a task hop per event
+        self._tasks = [asyncio.create_task(self._follow(i, g)) for i, g in enumerate(generations)
+                       ] if len(generations) > 1 else []
 
     async def _follow(self, index: int, gen: Generation) -> None:
         answered = False
@@ -53,6 +55,9 @@ class Choices:
         """(choice index, its next event); None once every choice has finished. Nothing comes until every choice
         has its first event or has failed: a choice refused (429) or failed before its first event fails the whole
         request while its status code can still say so. Later, raises the first choice error."""
+        if not self._tasks:
+            event = await self.generations[0].next()
+            return None if event is None else (0, event)
         await self._answered.wait()
         if self._early_error is not None:
             raise self._early_error
@@ -79,6 +84,7 @@ class Choices:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for index, gen in enumerate(self.generations):  # a task cancelled before it ever ran never closed its own
+        # a single choice has no task, and a task cancelled before it ever ran never closed its own
+        for index, gen in enumerate(self.generations):
             if index not in self._closed:
                 await gen.close()
