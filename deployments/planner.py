@@ -18,10 +18,11 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from deployments.router import CONTROL_PLANE
+from deployments.router import CONTROL_PLANE, STARTING
 from deployments.stage import StageDeployment
 from llmpq_serve.config import ServeConfig
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec, default_quant_dir
+from llmpq_serve.server.errors import NOT_LOADED
 from llmpq_serve.spec import ClusterSpec, GPUSpec, ModelSpec, accelerator_types, slot_count
 
 logger = logging.getLogger("llmpq")
@@ -131,7 +132,7 @@ def starting_reason(app, types: list[str]) -> str:
         d = app.deployments.get(f"stage{i}")
         if d is None or d.status != "HEALTHY":
             waiting.append(f"stage{i} ({ray_type}): " + (d.message if d is not None and d.message else "starting"))
-    return f"the model is not loaded yet: the planner is deploying the stages; not up yet: {'; '.join(waiting)}"
+    return f"{STARTING}; not up yet: {'; '.join(waiting)}"
 
 
 def start_failure(app) -> str:
@@ -140,8 +141,8 @@ def start_failure(app) -> str:
     return "; ".join(said or [app.message or app.status])
 
 
-PLANNING = ("the model is not loaded yet: the planner is solving the plan (a model's first plan also calibrates its "
-            "quality indicator, which takes minutes; the planner's log shows progress)")
+PLANNING = (f"{NOT_LOADED}: the planner is solving the plan (a model's first plan also calibrates its quality "
+            "indicator, which takes minutes; the planner's log shows progress)")
 DEPLOY_POLL_S = 1.0  # how often the planner looks at starting stages (and the cluster under them)
 
 # The router's poll for new stages is a request in flight here. Serve runs __del__, which takes the stage application
@@ -171,8 +172,8 @@ class Planner:
         """Waits for a deployment newer than generation `after` and returns it: {"generation", "planner" (this
         planner's id), "stages" (handles in pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"};
         or, first, for the planner's `reason` (why no new stages serve yet: an error, or the stages still starting)
-        to differ from `reason_seen`, and returns {"reason": it or None}; or, after STAGES_POLL_S with neither, {}. The router follows these, asking again each time. `planner`: the id of
-        the last deployment's planner; every deployment of another one (this one, restarted by Serve, counts
+        to differ from `reason_seen`, and returns {"reason": it or None}; or, after STAGES_POLL_S with neither, {}.
+        The router follows these, asking again each time. `planner`: the id of the last deployment's planner; every deployment of another one (this one, restarted by Serve, counts
         generations from 0 again and has deleted the stages of the one before) is newer."""
         if planner is not None and planner != self.prefix:
             after = 0
@@ -240,13 +241,11 @@ class Planner:
             up = await self._until_running(name, [t for t, _ in stages])
             handles = await ingress.handles.remote() if up else None
         except Exception:  # a stage that failed to start: its siblings would hold their GPUs
-            self.stage_app = None
-            await asyncio.to_thread(serve.delete, name)
+            await self._drop(name)
             raise
         if not up:
             logger.info("nodes the stages of %s need left while they started: planning again", name)
-            self.stage_app = None
-            await asyncio.to_thread(serve.delete, name)
+            await self._drop(name)
             return False
         async with self._changed:
             self.replans += self.generation > 0
@@ -257,6 +256,11 @@ class Planner:
             self._changed.notify_all()
         logger.info("stages of plan generation %d deployed as %s", self.generation, name)
         return True
+
+    async def _drop(self, name: str) -> None:
+        """Deletes the stage application `name`, which never served."""
+        self.stage_app = None
+        await asyncio.to_thread(serve.delete, name)
 
     async def _until_running(self, name: str, types: list[str]) -> bool:
         """Waits for the stage application `name` to run, reporting meanwhile which stages are not up yet and what
