@@ -32,6 +32,7 @@ logger = logging.getLogger("llmpq")
 # mode, and holds such a replica open for 30 s when it goes down, for load balancers to deregister it. None points
 # at this one, and a re-plan waits for the old stage application to go before deploying the new one.
 NO_DRAIN = {"env_vars": {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
+FP16_ONLY = "none needed: quality fp16 keeps every layer at 16 bits"
 # Stage replicas answer control calls only (the ring carries the micro-batches): nothing to wait for at shutdown.
 QUICK_SHUTDOWN = {"graceful_shutdown_wait_loop_s": 0.1, "graceful_shutdown_timeout_s": 5}
 
@@ -75,7 +76,8 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
         return stages, config.prefill_micro_batch, config.decode_micro_batch, doc
 
     from llmpq_serve.cli import quality_target
-    from llmpq_serve.costmodel import CostModel
+    from llmpq_serve.costmodel import SUPPORTED_BITS, CostModel
+    from llmpq_serve.indicator import Indicator
     from llmpq_serve.planner import Problem, plan
     from llmpq_serve.quant.apply import QuantCache
     from llmpq_serve.runtime.local import stage_specs
@@ -85,8 +87,15 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
     if not cluster.devices:
         raise ValueError("the Ray cluster shows no GPUs with an accelerator_type; start nodes with --num-gpus and "
                          "--resources '{\"accelerator_type:<TYPE>\": 1}' (see the README), or give cluster: <yaml>")
-    indicator = checkpoint_indicator(path, model.arch, quant, QuantCache(quant.cache_dir or default_quant_dir()))
-    problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator,
+    if config.quality == "fp16":
+        # the budget, the model at fp16, keeps every layer at 16 bits whatever ω says (and θ then has nothing to
+        # trade): calibrating ω would only delay the first plan by minutes
+        indicator = Indicator.analytic(model).model_copy(update={"source": FP16_ONLY})
+        bits = (16,)
+    else:
+        indicator = checkpoint_indicator(path, model.arch, quant, QuantCache(quant.cache_dir or default_quant_dir()))
+        bits = SUPPORTED_BITS
+    problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator, bits=bits,
                       context=config.max_context)
     problem = problem.with_quality(quality_target(problem, config.theta, None, config.quality))
     result = plan(problem, config.method, time_limit=config.plan_time_limit)
@@ -141,8 +150,8 @@ def start_failure(app) -> str:
     return "; ".join(said or [app.message or app.status])
 
 
-PLANNING = (f"{NOT_LOADED}: the planner is solving the plan (a model's first plan also calibrates its quality "
-            "indicator, which takes minutes; the planner's log shows progress)")
+PLANNING = (f"{NOT_LOADED}: the planner is solving the plan (a model's first plan below quality fp16 also "
+            "calibrates its quality indicator, which takes minutes; the planner's log shows progress)")
 DEPLOY_POLL_S = 1.0  # how often the planner looks at starting stages (and the cluster under them)
 
 # The router's poll for new stages is a request in flight here. Serve runs __del__, which takes the stage application

@@ -8,7 +8,7 @@ import pytest
 
 from deployments import planner as planner_module
 from llmpq_serve.config import ServeConfig
-from llmpq_serve.runtime.shard import StageSpec
+from llmpq_serve.runtime.shard import QuantOptions, StageSpec
 
 
 def bare_planner(**state) -> object:
@@ -149,3 +149,33 @@ def test_fixed_stages_must_follow_each_other_from_layer_0():
                          ([(1, 4, [16] * 3)], "must start at 0")]:
         with pytest.raises(ValueError, match=says):
             StageSpec.chain(stages)
+
+
+@pytest.mark.parametrize("quality, theta", [("fp16", None), ("fp16", 2.0), ("int8", None), (None, 1.0)])
+def test_only_a_target_below_fp16_waits_for_the_calibrated_indicator(demo_checkpoint, monkeypatch, tmp_path, quality,
+                                                                     theta):
+    """Calibrating the checkpoint's indicator takes minutes on a model's first plan; quality fp16 keeps every layer
+    at 16 bits whatever it says, so a plan for it does not wait for one."""
+    from llmpq_serve.indicator import Indicator
+    from llmpq_serve.runtime import quantized
+
+    path = demo_checkpoint("llama")
+    calibrated = []
+
+    def checkpoint_indicator(path, arch, options, cache):
+        calibrated.append(path)
+        return Indicator(source="calibrated: stand-in", omega=[{16: 0.0, 8: 1e-4, 4: 1e-2, 3: 5e-2}] * 3)
+
+    monkeypatch.setattr(quantized, "checkpoint_indicator", checkpoint_indicator)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("name: t4-v100\nnodes:\n  - {name: a, devices: [{type: T4, count: 1}]}\n"
+                       "  - {name: b, devices: [{type: V100-SXM2-32GB, count: 1}]}\n")
+    config = ServeConfig(model=str(path), cluster=str(cluster), quality=quality,
+                         theta=theta, plan_time_limit=5)
+    stages, _, _, plan = planner_module.solve_plan(config, path, QuantOptions())
+    bits = [b for s in plan["stages"] for b in s["bits"]]
+    if quality == "fp16":
+        assert not calibrated and plan["indicator"] == planner_module.FP16_ONLY and set(bits) == {16}
+    else:
+        assert calibrated == [path] and plan["indicator"] == "calibrated: stand-in"
+    assert sum(spec.end - spec.start for _, spec in stages) == len(bits) == 3

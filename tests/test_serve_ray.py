@@ -12,6 +12,7 @@ import pytest
 import ray
 from ray import serve
 
+from deployments.planner import FP16_ONLY
 from llmpq_serve.runtime.ring import free_port
 from tests.conftest import environ
 from tests.test_runtime import NEW, PROMPTS, hf_greedy, run_all
@@ -156,7 +157,7 @@ def test_planned_deployment_serves_and_reports_its_plan(cluster, demo_checkpoint
            cluster="ray", quality="fp16", plan_time_limit=5)
     plan = httpx.get(f"{cluster}/v1/plan", timeout=30).json()
     assert sum(s["layers"][1] - s["layers"][0] for s in plan["stages"]) == 3
-    assert plan["indicator"].startswith("calibrated")  # the checkpoint's own, not the analytic default
+    assert plan["indicator"] == FP16_ONLY and {b for s in plan["stages"] for b in s["bits"]} == {16}
     assert httpx.get(f"{cluster}/healthz", timeout=30).status_code == 200
     chunks = []
     with httpx.stream("POST", f"{cluster}/v1/chat/completions", timeout=60, json={
