@@ -1,3 +1,4 @@
+import functools
 import json
 
 import pytest
@@ -57,6 +58,7 @@ def test_calibrated_indicator_tracks_output_perturbation():
 
 def test_checkpoint_indicator_is_calibrated_once_then_read_from_the_cache(demo_checkpoint, tmp_path, monkeypatch):
     from llmpq_serve.quant.apply import QuantCache
+    from llmpq_serve.runtime import quantized
     from llmpq_serve.runtime.quantized import checkpoint_indicator
     from llmpq_serve.runtime.shard import QuantOptions
     from llmpq_serve.spec import ModelSpec
@@ -64,6 +66,8 @@ def test_checkpoint_indicator_is_calibrated_once_then_read_from_the_cache(demo_c
     path = demo_checkpoint("opt")
     spec = ModelSpec.from_checkpoint(path)
     cache, options = QuantCache(tmp_path), QuantOptions("awq", 128)
+    # a quarter of the calibration text: what is tested is that it is computed once, and a minute less of the suite
+    monkeypatch.setattr(quantized, "calibration_batches", functools.partial(quantized.calibration_batches, windows=8))
     first = checkpoint_indicator(path, spec.arch, options, cache)
     assert first.layers == spec.layers and first.source.startswith("calibrated: awq")
     for row in first.omega:
