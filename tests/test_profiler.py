@@ -1,6 +1,9 @@
 """The profiler measures the runtime's own layer forward and writes a profile the cost model reads back."""
 
+import functools
 import threading
+
+import pytest
 
 from llmpq_serve import profiler
 from llmpq_serve.costmodel import CostConfig, CostModel
@@ -12,6 +15,15 @@ from llmpq_serve.spec import GPUSpec, ModelSpec
 TINY = ModelSpec(name="tiny", arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, ffn=256, vocab=300,
                  max_pos=256, tie=False)
 GRID = profiler.Grid((1, 2), (8, 16), (1, 4), (8, 32))
+
+
+@pytest.fixture(autouse=True)
+def _short_router_steps(monkeypatch):
+    """The router-step measurement at 8 steps a point instead of 64: it has its own test (test_profile_table), and
+    at full length it took most of each profile here."""
+    from llmpq_serve.profiler import ring_costs
+
+    monkeypatch.setattr(profiler, "profile_step_overhead", functools.partial(ring_costs.profile_step_overhead, steps=8))
 
 
 def test_profile_covers_the_grid_and_round_trips(tmp_path, monkeypatch):
