@@ -35,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ray.cluster_utils import Cluster
 
-    # a plain `kill` must tear the cluster down too, not only Ctrl-C
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for name, value in throughput_optimized_env(args.direct_port).items():  # Ray processes inherit them
         os.environ.setdefault(name, value)
     cpus = os.cpu_count() or 2
@@ -46,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         for gpu in args.gpus:
             cluster.add_node(num_cpus=cpus, num_gpus=1, resources={f"accelerator_type:{gpu}": 1})
         cluster.wait_for_nodes()
+        # a plain `kill` must stop it all at once too, as Ctrl-C does. Ray's nodes started in this process each put a
+        # SIGTERM handler of their own in place, which drains the head for up to 30 s and exits 1: this one replaces it
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         serve = shutil.which("serve", path=os.path.dirname(sys.executable)) or "serve"
         server = subprocess.Popen([serve, "run", "--address", cluster.address, args.config])
         return server.wait()
@@ -53,11 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if server is not None and server.poll() is None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            # nothing in `serve run` to wait for (Ctrl-C has it shut Serve down, which waits 30 s for the router's
+            # drain): the cluster goes down next with all it started. Not SIGTERM: Ray's handler there prints a trace.
+            server.kill()
+            server.wait()
         cluster.shutdown()
 
 
