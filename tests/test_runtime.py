@@ -442,21 +442,23 @@ def test_the_serve_config_hands_every_scheduling_option_to_the_scheduler():
 
 class FlakyChain:
     """A 1-stage chain of 10 ms micro-batches answering zeros; `nan_decode_steps` of its first decode steps answer
-    NaN instead, and its first prefill of more than one token fails as a lost chain when `lose_a_prefill`."""
+    NaN instead (in row `nan_row` only, if given), and its first prefill of more than one token fails as a lost chain
+    when `lose_a_prefill`."""
 
-    def __init__(self, nan_decode_steps: int = 0, lose_a_prefill: bool = False):
+    def __init__(self, nan_decode_steps: int = 0, lose_a_prefill: bool = False, nan_row: int | None = None):
         self.stages, self.busy_s = 1, [0.0]
-        self.nan_decode_steps, self.lose_a_prefill = nan_decode_steps, lose_a_prefill
+        self.nan_decode_steps, self.lose_a_prefill, self.nan_row = nan_decode_steps, lose_a_prefill, nan_row
 
     async def forward(self, rows, x):
         await asyncio.sleep(0.01)
         if self.lose_a_prefill and max(rows.counts) > 1:
             self.lose_a_prefill = False
             raise ChainLostError("the stage ring is down")
+        logits = torch.zeros(len(rows.counts), 8)
         if rows.decode and self.nan_decode_steps:
             self.nan_decode_steps -= 1
-            return torch.full((len(rows.counts), 8), float("nan"))
-        return torch.zeros(len(rows.counts), 8)
+            logits[slice(None) if self.nan_row is None else self.nan_row] = float("nan")
+        return logits
 
 
 async def finish(req) -> BaseException | None:
@@ -484,6 +486,22 @@ def test_logits_no_token_can_be_drawn_from_fail_their_requests_and_the_group_goe
 
     error, second, free = asyncio.run(go())
     assert isinstance(error, RuntimeError) and second is None and free == 1
+
+
+def test_logits_broken_in_one_row_fail_that_request_only():
+    """One request's row of a decode micro-batch is NaN (as a tiny temperature once made it, in the sampler): its
+    batch mate, another client's request, goes on to its last token."""
+    async def go():
+        scheduler = scheduler_over(FlakyChain(nan_decode_steps=1, nan_row=0), 2, 2, 2)
+        reqs = [scheduler.submit([1, 2], SamplingParams(max_tokens=4, ignore_eos=True, seed=i)) for i in range(2)]
+        try:
+            return await asyncio.gather(*[finish(r) for r in reqs])
+        finally:
+            await scheduler.stop()
+
+    errors = asyncio.run(go())
+    assert sorted(e is None for e in errors) == [False, True]
+    assert "NaN or infinity" in str(next(e for e in errors if e is not None))
 
 
 def test_a_step_that_gets_through_during_a_recovery_strands_no_lost_request():

@@ -29,13 +29,24 @@ def test_top_k_one_and_tiny_top_p_are_greedy(temperature):
         assert sample(logits, ps, [make_generator(p) for p in ps]) == greedy
 
 
-@pytest.mark.parametrize("kw", [{"temperature": 1e-39}, {"top_p": 1e-300}, {"temperature": 1e-30, "top_p": 1e-300}])
+@pytest.mark.parametrize("kw", [{"temperature": 1e-39}, {"temperature": 1e-300}, {"top_p": 1e-300},
+                                {"temperature": 1e-30, "top_p": 1e-300}])
 def test_extreme_temperature_and_top_p_are_greedy_not_an_error(kw):
     """Values a request may send that overflow or underflow in float32: without the care taken, inf/NaN
     probabilities or an all-masked row, on which torch.multinomial raises."""
     logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(5)) * 30
     ps = [SamplingParams(seed=i, **kw) for i in range(8)]
     assert sample(logits, ps, [make_generator(p) for p in ps]) == logits.argmax(-1).tolist()
+
+
+def test_a_row_no_token_can_be_drawn_from_is_none_and_its_batch_mates_are_drawn_as_alone():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(6))
+    logits[1, 7], logits[2, 3] = float("nan"), float("inf")
+    ps = [SamplingParams(temperature=0), SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(seed=2)]
+    tokens = sample(logits, ps, [make_generator(p) for p in ps])
+    assert tokens[1] is None and tokens[2] is None
+    assert tokens[0] == logits[0].argmax().item()
+    assert tokens[3] == sample(logits[3:], ps[3:], [make_generator(ps[3])])[0]
 
 
 def test_a_top_k_beyond_the_vocabulary_keeps_it_all():

@@ -31,18 +31,25 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of `logits` [B, V]; row i follows params[i] and draws from generators[i] only."""
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int | None]:
+    """One token per row of `logits` [B, V]; row i follows params[i] and draws from generators[i] only. None for a
+    row holding a NaN or +inf logit, from which no token can be drawn: the model's numbers went wrong for that row,
+    and only its request should fail, not its batch mates."""
     x = logits.float()
-    tokens: list[int] = x.argmax(-1).tolist()
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    broken = (x.isnan() | x.isposinf()).any(-1)
+    x = x.masked_fill(broken[:, None], 0.0)
+    tokens: list[int | None] = [None if bad else t for t, bad in zip(x.argmax(-1).tolist(), broken.tolist())]
+    rows = [i for i, p in enumerate(params) if p.temperature > 0 and tokens[i] is not None]
     if not rows:
         return tokens
     # every op below works along a row, so a row's result does not depend on its batch mates
     ps = [params[i] for i in rows]
     dev = x.device
     vocab = x.shape[-1]
-    temp = torch.tensor([p.temperature for p in ps], device=dev)
+    # a temperature below float32's smallest normal number (1e-300 is a valid one to ask for) would round to 0 and
+    # make the best logit's 0 / 0 a NaN
+    temp = torch.tensor([p.temperature for p in ps], device=dev).clamp_min(torch.finfo(torch.float32).tiny)
     top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in ps], device=dev)  # a huge top_k overflows int64
     top_p = torch.tensor([p.top_p for p in ps], device=dev)
     # the row's best logit is 0 before scaling, so a tiny temperature sends the others to -inf, never all to inf;

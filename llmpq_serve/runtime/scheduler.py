@@ -293,6 +293,10 @@ class Scheduler:
             if req.cancelled:
                 self._finish(req)
                 continue
+            if tok is None:
+                self._fail([req], RuntimeError("the model's logits for this request hold a NaN or infinity, from "
+                                               "which no token can be drawn"))
+                continue
             text, finish = req.detok.add(tok)
             req.events.put_nowait(GenerationEvent(text, [tok], finish, len(req.prompt), len(req.detok.token_ids)))
             if finish is not None:
@@ -403,7 +407,7 @@ class Scheduler:
         prefilled = [step[i] for i in ready if i >= len(decode)]
         try:
             self._emit([step[i] for i in ready], logits if len(ready) == len(step) else logits[ready])
-        except Exception as e:  # noqa: BLE001 - logits no token can be drawn from (NaN): fail these, not the loop
+        except Exception as e:  # noqa: BLE001 - turning them into tokens and text failed: fail these, not the loop
             self._fail(step, e)
             return True
         for r in prefilled:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, TypeAdapter, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter, ValidationInfo, field_validator
 
 from llmpq_serve.runtime.sampling import SamplingParams
 
@@ -19,6 +19,20 @@ NOT_IMPLEMENTED = ("echo", "suffix", "best_of", "logprobs", "top_logprobs", "pre
                    "logit_bias", "tools", "functions", "response_format")
 # what a not-implemented parameter may be set to besides null, false, 0 and empty: values that ask for nothing
 _ASKS_NOTHING = {"best_of": 1, "response_format": {"type": "text"}}
+
+
+def _characters(value: str) -> str:
+    """JSON may escape half of a UTF-16 surrogate pair ("\\ud800"), which Python keeps in a str but no tokenizer
+    takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds {value[e.start:e.end]!r}, half of a UTF-16 surrogate pair, which is not a "
+                         "character") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_characters)]
 
 
 def _prompt_batch(value: Any) -> Any:
@@ -97,7 +111,7 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Annotated[list[str | list[int]], BeforeValidator(_prompt_batch)]
+    prompt: Annotated[list[Text | list[int]], BeforeValidator(_prompt_batch)]
     max_tokens: int | None = Field(16, ge=1, description="null: as many as the context leaves")
 
 
@@ -110,7 +124,7 @@ class ChatMessage(BaseModel):
     """A message of the conversation; content given as parts (text only here) is joined into one text."""
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
     @field_validator("role", mode="before")
     @classmethod
