@@ -40,13 +40,14 @@ def test_extreme_temperature_and_top_p_are_greedy_not_an_error(kw):
 
 
 def test_a_row_no_token_can_be_drawn_from_is_none_and_its_batch_mates_are_drawn_as_alone():
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(6))
-    logits[1, 7], logits[2, 3] = float("nan"), float("inf")
-    ps = [SamplingParams(temperature=0), SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(seed=2)]
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(6))
+    logits[1, 7], logits[2, 3], logits[3] = float("nan"), float("inf"), float("-inf")
+    ps = [SamplingParams(temperature=0), SamplingParams(temperature=0), SamplingParams(seed=1),
+          SamplingParams(temperature=0), SamplingParams(seed=2)]
     tokens = sample(logits, ps, [make_generator(p) for p in ps])
-    assert tokens[1] is None and tokens[2] is None
+    assert tokens[1:4] == [None, None, None]
     assert tokens[0] == logits[0].argmax().item()
-    assert tokens[3] == sample(logits[3:], ps[3:], [make_generator(ps[3])])[0]
+    assert tokens[4] == sample(logits[4:], ps[4:], [make_generator(ps[4])])[0]
 
 
 def test_a_top_k_beyond_the_vocabulary_keeps_it_all():

@@ -34,11 +34,12 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int | None]:
     """One token per row of `logits` [B, V]; row i follows params[i] and draws from generators[i] only. None for a
-    row holding a NaN or +inf logit, from which no token can be drawn: the model's numbers went wrong for that row,
+    row no token can be drawn from (a NaN or +inf logit, or all -inf): the model's numbers went wrong for that row,
     and only its request should fail, not its batch mates."""
     x = logits.float()
-    broken = (x.isnan() | x.isposinf()).any(-1)
-    x = x.masked_fill(broken[:, None], 0.0)
+    broken = ~x.amax(-1).isfinite()  # the max of a row is NaN if any of it is: one reduction finds all three
+    if broken.any():
+        x = x.masked_fill(broken[:, None], 0.0)
     tokens: list[int | None] = [None if bad else t for t, bad in zip(x.argmax(-1).tolist(), broken.tolist())]
     rows = [i for i, p in enumerate(params) if p.temperature > 0 and tokens[i] is not None]
     if not rows:
