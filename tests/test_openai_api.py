@@ -365,6 +365,9 @@ async def test_malformed_json_and_unknown_routes(client: httpx.AsyncClient) -> N
     assert response.json()["error"]["param"] is None
     assert_error(await client.post("/v1/completions", content=b"[1, 2]",
                                    headers={"content-type": "application/json"}), 400)
+    for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}):  # curl -d without -H
+        response = await client.post("/v1/completions", content=b'{"prompt": "hi"}', headers=headers)
+        assert "sent with Content-Type: application/json" in assert_error(response, 400)
     assert_error(await client.get("/v1/nothing"), 404)
     assert_error(await client.get("/v1/completions"), 405)
 

@@ -58,11 +58,21 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
             problems.append(f"the body is not valid JSON: {error['ctx']['error']} at character {error['loc'][-1]}")
             continue
         location = error["loc"][1:]  # it starts with "body"
+        content_type = request.headers.get("content-type", "")
+        if not location and not _says_json(content_type):  # FastAPI then leaves the body unparsed: say why
+            problems.append(f"the body must be a JSON object sent with Content-Type: application/json (this one "
+                            f"came with {content_type and 'Content-Type: ' + content_type or 'no Content-Type'})")
+            continue
         fields.append(str(location[0]) if location else None)
         path = ".".join(map(str, location)) or "body"
         problems.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
     message = "invalid request: " + "; ".join(problems)
     return APIError(400, message, param=next(filter(None, fields), None)).response()
+
+
+def _says_json(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
