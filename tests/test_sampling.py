@@ -88,6 +88,24 @@ def test_top_k_and_top_p_restrict_support():
     assert set(draws(logits, 200, top_p=0.4).tolist()) == {0}
 
 
+def test_a_nucleus_beyond_the_first_candidates_is_found_whole_and_drawn_as_its_probabilities():
+    """A flat distribution's nucleus holds more tokens than the search takes first; nothing cut draws each token as
+    often as its probability."""
+    from llmpq_serve.runtime.sampling import NUCLEUS_START
+
+    logits = torch.linspace(0, -3, 1000)[torch.randperm(1000, generator=torch.Generator().manual_seed(8))]
+    probs = logits.softmax(-1)
+    ranked = probs.sort(descending=True).values
+    nucleus = int(((ranked.cumsum(-1) - ranked) < 0.5).sum())
+    assert nucleus > 2 * NUCLEUS_START
+    drawn = draws(logits, 4000, top_p=0.5)
+    assert set(drawn.tolist()) <= set(probs.topk(nucleus).indices.tolist())
+    assert len(set(drawn.tolist())) > nucleus * 0.9
+    peaked = torch.tensor([3.0, 2.0, 1.0, 0.0] + [-2.0] * 60)
+    freq = torch.bincount(draws(peaked, 20000), minlength=64).float() / 20000
+    assert torch.allclose(freq[:4], peaked.softmax(-1)[:4], atol=0.015)
+
+
 def test_make_generator():
     assert make_generator(SamplingParams(temperature=0, seed=1)) is None
     a, b = (make_generator(SamplingParams(seed=7)) for _ in range(2))
