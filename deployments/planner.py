@@ -78,7 +78,7 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
     from llmpq_serve.cli import quality_target
     from llmpq_serve.costmodel import SUPPORTED_BITS, CostModel
     from llmpq_serve.indicator import Indicator
-    from llmpq_serve.planner import Problem, plan
+    from llmpq_serve.planner import InfeasibleError, Problem, plan
     from llmpq_serve.quant.apply import QuantCache
     from llmpq_serve.runtime.local import stage_specs
     from llmpq_serve.runtime.quantized import checkpoint_indicator
@@ -98,7 +98,13 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
     problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator, bits=bits,
                       context=config.max_context)
     problem = problem.with_quality(quality_target(problem, config.theta, None, config.quality))
-    result = plan(problem, config.method, time_limit=config.plan_time_limit)
+    try:
+        result = plan(problem, config.method, time_limit=config.plan_time_limit)
+    except InfeasibleError as e:
+        if bits == (16,):  # the way out the planner's message cannot see: it was given 16 bits only
+            raise InfeasibleError(f"{e} Quality fp16 keeps every layer's weights at 16 bits; with quality int8, "
+                                  "awq4 or awq3 they take less memory.") from None
+        raise
     logger.info("plan:\n%s", result.table())
     types = [GPUSpec.from_catalog(s.device.gpu).ray_type for s in result.stages]
     return (list(zip(types, stage_specs(result))), result.prefill_micro_batch, result.decode_micro_batch,

@@ -179,3 +179,16 @@ def test_only_a_target_below_fp16_waits_for_the_calibrated_indicator(demo_checkp
     else:
         assert calibrated == [path] and plan["indicator"] == "calibrated: stand-in"
     assert sum(spec.end - spec.start for _, spec in stages) == len(bits) == 3
+
+
+def test_an_fp16_plan_that_does_not_fit_points_at_a_lower_quality(demo_checkpoint, tmp_path):
+    from llmpq_serve.planner import InfeasibleError
+
+    path = demo_checkpoint("llama")
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("name: t4\nnodes:\n  - {name: a, devices: [{type: T4, count: 1}]}\n")
+    # KV-cache slots for 40000 requests of 512 tokens: 60 GB, beyond a T4
+    config = ServeConfig(model=str(path), cluster=str(cluster), quality="fp16", plan_time_limit=5, max_context=512,
+                         workload={"batch_size": 40000, "prompt_len": 256, "gen_len": 256})
+    with pytest.raises(InfeasibleError, match="with quality int8, awq4 or awq3 they take less memory"):
+        planner_module.solve_plan(config, path, QuantOptions())
