@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, TypeAdapter, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+)
 
 from llmpq_serve.runtime.sampling import SamplingParams
 
@@ -57,7 +66,7 @@ class GenerationRequest(BaseModel):
     top_k: int | None = Field(None, ge=0)
     seed: int | None = None
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[StrictInt] = Field(default_factory=list)
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
@@ -111,7 +120,8 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Annotated[list[Text | list[int]], BeforeValidator(_prompt_batch)]
+    # strict: a true or 2.0 among token ids is a client's mistake, not token 1 or 2
+    prompt: Annotated[list[Text | list[StrictInt]], BeforeValidator(_prompt_batch)]
     max_tokens: int | None = Field(16, ge=1, description="null: as many as the context leaves")
 
 
