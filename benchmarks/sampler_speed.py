@@ -63,7 +63,7 @@ def main() -> int:
                 for _ in range(args.rounds):
                     for name, fn in (("textbook", textbook), ("sampler", sample)):
                         generators = [make_generator(p) for p in params]
-                        calls = max(1, int(2e5 // (rows * vocab)) or 1)
+                        calls = max(1, int(2e5 // (rows * vocab)))
                         start = time.perf_counter()
                         for _ in range(calls):
                             fn(logits, params, generators)

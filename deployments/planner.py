@@ -188,8 +188,9 @@ class Planner:
         planner's id), "stages" (handles in pipeline order), "plan", "prefill_micro_batch", "decode_micro_batch"};
         or, first, for the planner's `reason` (why no new stages serve yet: an error, or the stages still starting)
         to differ from `reason_seen`, and returns {"reason": it or None}; or, after STAGES_POLL_S with neither, {}.
-        The router follows these, asking again each time. `planner`: the id of the last deployment's planner; every deployment of another one (this one, restarted by Serve, counts
-        generations from 0 again and has deleted the stages of the one before) is newer."""
+        The router follows these, asking again each time. `planner`: the id of the last deployment's planner; every
+        deployment of another one (this one, restarted by Serve, counts generations from 0 again and has deleted the
+        stages of the one before) is newer."""
         if planner is not None and planner != self.prefix:
             after = 0
         async with self._changed:

@@ -56,8 +56,10 @@ def test_the_demo_cluster_stops_whole_within_seconds(tmp_path, sig, code):
         started = psutil.Process(demo.pid).children(recursive=True)
         assert any("raylet" in p.name() for p in started)
         stopped_at = time.monotonic()
-        # Ctrl-C goes to the terminal's whole foreground process group, a kill to the one process
-        os.killpg(demo.pid, sig) if sig == signal.SIGINT else demo.send_signal(sig)
+        if sig == signal.SIGINT:  # Ctrl-C goes to the terminal's whole foreground process group
+            os.killpg(demo.pid, sig)
+        else:  # a kill to the one process
+            demo.send_signal(sig)
         assert demo.wait(timeout=60) == code
         _, alive = psutil.wait_procs(started, timeout=15)
         assert not alive, [p.cmdline() for p in alive]

@@ -53,12 +53,12 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     of pydantic's locations also name union members ("prompt.str"), which are no parameter of the API."""
     assert isinstance(exc, RequestValidationError)
     problems, fields = [], []
+    content_type = request.headers.get("content-type", "")
     for error in exc.errors():
         if error["type"] == "json_invalid":  # its location is a character offset, not a field
             problems.append(f"the body is not valid JSON: {error['ctx']['error']} at character {error['loc'][-1]}")
             continue
         location = error["loc"][1:]  # it starts with "body"
-        content_type = request.headers.get("content-type", "")
         if not location and not _says_json(content_type):  # FastAPI then leaves the body unparsed: say why
             problems.append(f"the body must be a JSON object sent with Content-Type: application/json (this one "
                             f"came with {content_type and 'Content-Type: ' + content_type or 'no Content-Type'})")
