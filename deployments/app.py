@@ -8,18 +8,26 @@ nodes join or leave.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
 from deployments.planner import Planner
 from deployments.router import Router
-from llmpq_serve.config import ServeConfig
+from llmpq_serve.config import DEMO_MODELS, ServeConfig
+from llmpq_serve.spec import ClusterSpec
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """The router (HTTP ingress) and the planner actor; the planner plans and deploys the stages once it runs."""
     config = ServeConfig.model_validate(args)
-    path = config.checkpoint()
-    return Router.bind(Planner.bind(args), str(path), config.model if config.model.startswith("demo-") else path.name,
+    path = config.checkpoint().resolve()
+    demo = config.model in DEMO_MODELS
+    # the router and the planner may run in another working directory, or on another node with the same files
+    given = {} if demo else {"model": str(path)}
+    if config.cluster != "ray":
+        ClusterSpec.from_yaml(config.cluster)  # a wrong cluster file fails `serve run` now, not the planner later
+        given["cluster"] = str(Path(config.cluster).resolve())
+    return Router.bind(Planner.bind({**args, **given}), str(path), config.model if demo else path.name,
                        config.workload.batch_size, config.max_context, config.scheduling())

@@ -4,21 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+from pydantic import ValidationError
 
+from llmpq_serve.config import PLAN_METHODS
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
+from llmpq_serve.validation import describe
 
 if TYPE_CHECKING:
     from llmpq_serve.planner import Problem, QualityTarget
 
 NAMED_TARGETS = {"fp16": 16, "int8": 8, "awq4": 4, "awq3": 3}
-# the planner's methods, named here so that the parser builds without importing the solver stack
-PLAN_METHODS = ("llmpq", "uniform", "pipeedge", "llmpq_no_adabits", "llmpq_no_phase", "llmpq_fast")
+
+
+def _number(kind: type, least: float, strict: bool):
+    """An argparse type: a number of `kind` above `least` (or at least it, unless `strict`), refused by argparse
+    with the argument's name rather than by a model's validation further on."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < least or (strict and value == least):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {least:g}, not {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT, POSITIVE, NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
 
 
 def quality_target(problem: Problem, theta: float | None, budget: float | None, named: str | None) -> QualityTarget:
@@ -37,6 +56,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from llmpq_serve.indicator import Indicator
     from llmpq_serve.planner import InfeasibleError, Problem, plan
 
+    if not args.profiles.is_dir():  # the cost model would fall back to the roofline for every device
+        raise ValueError(f"--profiles {args.profiles}: no such folder")
     model = ModelSpec.resolve(args.model)
     cluster = ClusterSpec.from_yaml(args.cluster)
     workload = Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len)
@@ -135,21 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="solve a deployment plan and print it")
     p.add_argument("--model", required=True, help="catalog name (e.g. opt-30b) or checkpoint directory")
     p.add_argument("--cluster", required=True, help="cluster YAML (see deployments/clusters/)")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=100)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--theta", type=float, default=None,
+    p.add_argument("--prompt-len", type=POSITIVE_INT, default=512)
+    p.add_argument("--gen-len", type=POSITIVE_INT, default=100)
+    p.add_argument("--batch", type=POSITIVE_INT, default=32)
+    p.add_argument("--theta", type=NON_NEGATIVE, default=None,
                    help="weight of normalised quality against normalised latency (default 1 when no target)")
     budget = p.add_mutually_exclusive_group()  # --quality is a budget too: one would silently replace the other
-    budget.add_argument("--budget", type=float, default=None,
+    budget.add_argument("--budget", type=NON_NEGATIVE, default=None,
                         help="upper bound on normalised Σω (1.0 = whole model at 3 bits)")
     budget.add_argument("--quality", choices=sorted(NAMED_TARGETS), default=None,
                         help="budget: no worse than the whole model at this format")
     p.add_argument("--method", choices=list(PLAN_METHODS), default="llmpq")
     p.add_argument("--indicator", default=None, help="indicator JSON (default: the analytic one from shapes)")
     p.add_argument("--profiles", type=Path, default=CostConfig().profiles_dir, help="latency profiles folder")
-    p.add_argument("--time-limit", type=float, default=10.0, help="seconds for the whole search")
-    p.add_argument("--gap", type=float, default=0.001, help="relative optimality gap at which to stop")
+    p.add_argument("--time-limit", type=POSITIVE, default=10.0, help="seconds for the whole search")
+    p.add_argument("--gap", type=NON_NEGATIVE, default=0.001, help="relative optimality gap at which to stop")
     p.add_argument("--out", default=None, help="also write the plan JSON here")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p.set_defaults(func=cmd_plan)
@@ -161,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           / "large-32.yaml"), help="the 32-device scaling instance")
     b.add_argument("--no-large", action="store_true", help="skip the 32-device instance")
     b.add_argument("--only", nargs="*", default=None, help="cluster ids to run")
-    b.add_argument("--time-limit", type=float, default=10.0)
+    b.add_argument("--time-limit", type=POSITIVE, default=10.0)
     b.add_argument("--out-dir", default="benchmarks/results")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_plan)
@@ -181,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "cost model does not read)")
     pr.add_argument("--replace", action="store_true",
                     help="overwrite the output file (default: keep its tables of shapes not measured now)")
-    pr.add_argument("--threads", type=int, default=None,
+    pr.add_argument("--threads", type=POSITIVE_INT, default=None,
                     help="CPU threads (a CPU stage sharing a machine with others runs with fewer than all cores)")
-    pr.add_argument("--samples", type=int, default=None,
+    pr.add_argument("--samples", type=POSITIVE_INT, default=None,
                     help="samples per grid point (default 7), taken round-robin over a shape's points: more spread "
                          "the profile over more time, for a machine whose speed drifts")
     pr.set_defaults(func=cmd_profile)
@@ -199,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ValidationError as e:  # a ValueError too, whose own text spans lines and links pydantic's docs
+        print(f"error: {e.title}: {describe(e)}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, yaml.YAMLError) as e:  # a user's mistake: a bad value, a missing or wrong file
         print(f"error: {e}", file=sys.stderr)
         return 2

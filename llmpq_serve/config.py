@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from llmpq_serve.runtime.scheduler import SchedulerOptions
 
 DEMO_MODELS = {"demo-llama": "llama", "demo-opt": "opt"}
+# the planner's methods (`llmpq_serve.planner.METHODS`), named here so that a config and the CLI's parser are checked
+# without importing the solver stack
+PlanMethod = Literal["llmpq", "uniform", "pipeedge", "llmpq_no_adabits", "llmpq_no_phase", "llmpq_fast"]
+PLAN_METHODS: tuple[str, ...] = get_args(PlanMethod)
 
 
 class FixedStage(BaseModel):
@@ -31,7 +35,7 @@ class ServeConfig(BaseModel):
     quality: Literal["fp16", "int8", "awq4", "awq3"] | None = Field(
         "awq4", description="no worse than the whole model at this format (the planner's quality budget)")
     theta: float | None = Field(None, ge=0, description="weight of quality against latency (instead of quality)")
-    method: str = "llmpq"
+    method: PlanMethod = "llmpq"
     workload: Workload = Field(default_factory=lambda: Workload(batch_size=16, prompt_len=64, gen_len=64))
     max_context: int = Field(512, gt=0, description="prompt + max_tokens of one request")
     max_queue: int = Field(256, gt=0, description="waiting requests beyond which the router answers 429")

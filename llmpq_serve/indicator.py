@@ -6,13 +6,13 @@ alone, and the calibrated indicator (computed from a checkpoint) replaces it whe
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
 from llmpq_serve.spec import ModelSpec
+from llmpq_serve.validation import json_model
 
 REFERENCE_BITS = 3
 
@@ -104,6 +104,4 @@ class Indicator(BaseModel):
     @classmethod
     def from_json(cls, path: str | Path) -> Indicator:
         """`{"source": ..., "omega": [{"16": 0, "8": ..., "4": ..., "3": ...}, ...]}` (one entry per layer)."""
-        data = json.loads(Path(path).read_text())
-        data.setdefault("source", f"file:{path}")
-        return cls.model_validate(data)
+        return json_model(cls, path, "indicator file", source=f"file:{path}")

@@ -8,7 +8,6 @@ extrapolated linearly from the outermost cell beyond the grid, since layer time 
 from __future__ import annotations
 
 import bisect
-import json
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -17,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from llmpq_serve.runtime.kernel_revisions import KERNEL_REVISIONS
 from llmpq_serve.spec import ModelSpec
+from llmpq_serve.validation import json_model
 
 Phase = Literal["prefill", "decode"]
 
@@ -187,7 +187,7 @@ class Profile(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        return json_model(cls, path, "profile file")
 
     def save(self, path: str | Path) -> None:
         """Written whole or not at all: a profile cut short mid-write leaves the file as it was."""

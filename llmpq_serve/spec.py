@@ -7,10 +7,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmpq_serve import catalog
+from llmpq_serve.validation import describe, yaml_mapping
 
 Arch = Literal["llama", "qwen2", "opt", "bloom"]
 _LLAMA_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -104,6 +104,9 @@ class ModelSpec(BaseModel):
             return cls.from_catalog(name_or_path)
         if Path(name_or_path, "config.json").is_file():
             return cls.from_checkpoint(name_or_path)
+        if Path(name_or_path).is_dir():
+            raise ValueError(f"{name_or_path} holds no config.json: give a Hugging Face checkpoint directory or a "
+                             f"catalog name ({', '.join(sorted(catalog.model_table()))})")
         return cls.from_catalog(name_or_path)  # raises with the list of known names
 
     # ---- derived shapes -------------------------------------------------------------------------------------------
@@ -258,9 +261,12 @@ class ClusterSpec(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterSpec:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        return cls.from_dict({"name": Path(path).stem, **data})
+        """A cluster file; what is wrong in one is a ValueError that names the file."""
+        data = yaml_mapping(path, "cluster file")
+        try:
+            return cls.from_dict({"name": Path(path).stem, **data})
+        except ValidationError as e:
+            raise ValueError(f"cluster file {path}: {describe(e)}") from None
 
     @classmethod
     def from_ray(cls, gpu_overrides: dict[str, str] | None = None, inter_node_gbs: float = 3.0) -> ClusterSpec:

@@ -38,6 +38,44 @@ def test_plan_errors_are_messages_not_tracebacks(capsys, tmp_path):
     assert "unknown GPU type 'K80'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--batch", "0"], "argument --batch: must be > 0, not 0"),
+    (["--prompt-len", "2.5"], "argument --prompt-len: '2.5' is not an integer"),
+    (["--time-limit", "0"], "argument --time-limit: must be > 0, not 0"),
+    (["--theta", "nan"], "argument --theta: must be >= 0, not nan"),
+    (["--gap", "-1"], "argument --gap: must be >= 0, not -1"),
+])
+def test_plan_numbers_out_of_range_are_refused_by_name(capsys, args, says):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "--model", "opt-30b", "--cluster", CLUSTER, *args])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_plan_file_mistakes_name_the_file_in_one_line(capsys, tmp_path):
+    """Each wrong input is one line saying what and where, without pydantic's type tags and documentation links."""
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- {type: T4, count: 2}\n")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("devices: [{type: T4, count: 2}]\nfoo: 1\n")
+    no_int8 = tmp_path / "omega.json"
+    no_int8.write_text(json.dumps({"omega": [{"16": 0, "4": 1}]}))
+    not_json = tmp_path / "omega.txt"
+    not_json.write_text("16: 0")
+    cases = [
+        (["--cluster", str(listed)], f"cluster file {listed} holds a list, not a mapping"),
+        (["--cluster", str(extra)], f"cluster file {extra}: foo: Extra inputs are not permitted"),
+        (["--cluster", CLUSTER, "--indicator", str(no_int8)], f"indicator file {no_int8}: the indicator must give ω at 3"),
+        (["--cluster", CLUSTER, "--indicator", str(not_json)], f"indicator file {not_json} is not valid JSON"),
+        (["--cluster", CLUSTER, "--model", str(tmp_path)], f"{tmp_path} holds no config.json"),
+        (["--cluster", CLUSTER, "--profiles", str(tmp_path / "none")], "no such folder"),
+    ]
+    for args, says in cases:
+        assert main(["plan", "--model", "opt-30b", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        assert "errors.pydantic.dev" not in err and "type=" not in err
+
+
 def test_profile_and_file_mistakes_are_messages_not_tracebacks(capsys, tmp_path):
     """A device this machine lacks, a cluster file that is not YAML or not a file, a profile file of another device
     type: each an error message and exit code 2, before any measuring."""
@@ -73,3 +111,9 @@ def test_bench_plan_json_shape(capsys, tmp_path):
         base = max(c["methods"][m]["tokens_per_s"] for m in ("uniform", "pipeedge"))
         assert c["methods"]["llmpq_matched"]["tokens_per_s"] >= base
     assert (tmp_path / "plan_clusters.md").read_text().startswith("Predicted by the cost model")
+
+
+def test_bench_plan_with_an_unknown_cluster_id_stops_before_writing(capsys, tmp_path):
+    assert main(["bench", "plan", "--clusters", PAPER, "--only", "1", "99", "--no-large",
+                 "--out-dir", str(tmp_path)]) == 2
+    assert "no cluster 99 in" in capsys.readouterr().err and not list(tmp_path.iterdir())

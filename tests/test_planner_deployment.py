@@ -192,3 +192,36 @@ def test_an_fp16_plan_that_does_not_fit_points_at_a_lower_quality(demo_checkpoin
                          workload={"batch_size": 40000, "prompt_len": 256, "gen_len": 256})
     with pytest.raises(InfeasibleError, match="with quality int8, awq4 or awq3 they take less memory"):
         planner_module.solve_plan(config, path, QuantOptions())
+
+
+def test_serve_run_refuses_a_wrong_cluster_file_and_hands_on_absolute_paths(tmp_path, monkeypatch):
+    """`serve run` builds the app where it runs; the planner actor reads the files wherever Ray puts it. A cluster
+    file it could not read must stop `serve run` itself, and relative paths must not reach the actors."""
+    from deployments import app as app_module
+
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("devices: [{type: X100, count: 1}]\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"cluster file bad.yaml: .*unknown GPU type 'X100'"):
+        app_module.build_app({"model": "ckpt", "cluster": "bad.yaml"})
+    (tmp_path / "good.yaml").write_text("devices: [{type: T4, count: 2}]\n")
+    bound = {}
+    monkeypatch.setattr(app_module, "Planner", SimpleNamespace(bind=lambda args: bound.setdefault("planner", args)))
+    monkeypatch.setattr(app_module, "Router", SimpleNamespace(bind=lambda *args: bound.setdefault("router", args)))
+    app_module.build_app({"model": "ckpt", "cluster": "good.yaml", "quality": "fp16"})
+    assert bound["planner"]["model"] == str(checkpoint) and bound["planner"]["cluster"] == str(tmp_path / "good.yaml")
+    assert bound["planner"]["quality"] == "fp16" and bound["router"][1] == str(checkpoint)
+
+
+def test_a_misspelt_method_fails_the_config_not_the_planner_later():
+    from pydantic import ValidationError
+
+    from llmpq_serve.config import PLAN_METHODS
+    from llmpq_serve.planner import METHODS
+
+    assert set(PLAN_METHODS) == set(METHODS)
+    with pytest.raises(ValidationError, match="llmpq_fast"):
+        ServeConfig(model="m", method="llmpqq")

@@ -177,6 +177,15 @@ def test_unreachable_budget_and_even_split_explain_themselves(cases):
         plan(_problem(case), "uniform")
 
 
+def test_a_search_cut_by_its_time_limit_says_so_not_that_memory_is_short(cases):
+    """The memory suffices; a search stopped before its first plan must not send the user to add devices."""
+    with pytest.raises(InfeasibleError) as error:
+        plan(_problem(cases["4"]), "llmpq", time_limit=1e-3)
+    message = str(error.value)
+    assert "stopped at its time limit of 0.001 s before it found a plan" in message
+    assert "fits within memory" not in message and "GiB missing" not in message
+
+
 def test_bad_inputs():
     opt = ModelSpec.from_catalog("opt-13b")
     one = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 1}]})

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.planner import BASELINES, InfeasibleError, Plan, Problem, QualityTarget, plan
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
+from llmpq_serve.validation import yaml_mapping
 
 
 def roofline_problem(model: ModelSpec, cluster: ClusterSpec, workload: Workload, **options: Any) -> Problem:
@@ -40,7 +40,9 @@ class Case:
 
 def load_cases(path: str | Path) -> list[Case]:
     """The clusters of a paper_clusters.yaml-style file (defaults + clusters, each type on its own node)."""
-    data = yaml.safe_load(Path(path).read_text())
+    data = yaml_mapping(path, "clusters file")
+    if "clusters" not in data:
+        raise ValueError(f"clusters file {path} has no `clusters:` list (see ../shared/paper_clusters.yaml)")
     defaults = data.get("defaults", {})
     cases = []
     for c in data["clusters"]:
@@ -165,7 +167,11 @@ def run_large(path: str | Path) -> dict[str, Any]:
 
 def run(path: str | Path, time_limit: float = 10.0, only: list[str] | None = None,
         large: str | Path | None = None) -> dict[str, Any]:
-    cases = [c for c in load_cases(path) if not only or c.id in only]
+    cases = load_cases(path)
+    unknown = sorted(set(only or ()) - {c.id for c in cases})
+    if unknown:  # found before minutes of planning, and before an empty result could replace the last one
+        raise ValueError(f"no cluster {', '.join(unknown)} in {path}; its ids: {', '.join(c.id for c in cases)}")
+    cases = [c for c in cases if not only or c.id in only]
     clusters = [run_case(c, time_limit) for c in tqdm(cases, desc="planning clusters", unit="cluster")]
     doc: dict[str, Any] = {"clusters": clusters, "summary": summarise(clusters)}
     if large is not None:

@@ -49,6 +49,12 @@ class Candidate:
 class SearchState:
     best: Candidate | None = None
     notes: list[str] = field(default_factory=list)
+    cut_short: bool = False  # the time limit stopped a part of the search before it proved what that part holds
+
+    def out_of_time(self, note: str | None = None) -> None:
+        self.cut_short = True
+        if note:
+            self.notes.append(note)
 
     def offer(self, problem: Problem, devices: list[DeviceSpec], bits: list[list[int]], mb_p: int,
               mb_d: int) -> float | None:
@@ -115,7 +121,7 @@ def search(problem: Problem, rules: Rules, time_limit: float = 10.0, gap: float 
         exact.solver.notes.append("fast heuristic found no feasible plan; solved exactly instead")
         return exact
     if state.best is None:
-        raise InfeasibleError(infeasibility_report(problem, rules))
+        raise InfeasibleError(infeasibility_report(problem, rules, timed_out=state.cut_short, time_limit=time_limit))
     return _to_plan(problem, rules, state, bound, time.perf_counter() - start, gap)
 
 
@@ -129,7 +135,7 @@ def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state
         if _closed(state, rank, gap):
             break  # every combo left is bounded by at least this
         if time.perf_counter() - start > time_limit:
-            state.notes.append("time limit reached before every bound was closed")
+            state.out_of_time("time limit reached before every bound was closed")
             break
         rel = Relaxation(problem, bits, first, last, mb_p, mb_d)
         bounds[i] = lower = max(rank, rel.lp_bound())
@@ -142,6 +148,8 @@ def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state
             continue
         result = rel.solve(time_limit=max(0.2, time_limit - (time.perf_counter() - start)), gap=gap / 4)
         if result.objective is None:
+            if result.status != "infeasible":
+                state.out_of_time()
             bounds[i] = math.inf if result.status == "infeasible" else max(lower, result.bound or lower)
             continue
         bounds[i] = max(lower, result.bound if result.bound is not None else result.objective)
@@ -193,7 +201,7 @@ def _realise(problem: Problem, bits: tuple[int, ...], rules: Rules, rel: Relaxat
     for devs in orders:
         left = time_limit - (time.perf_counter() - start)
         if left <= 0.2:
-            state.notes.append("time limit reached while solving device orders exactly")
+            state.out_of_time("time limit reached while solving device orders exactly")
             return lower
         warm = scored.get(_class_sequence(devs), (None, None))[1]
         cutoff = state.best.objective * (1 - gap / 2) if state.best is not None else None
@@ -206,6 +214,7 @@ def _realise(problem: Problem, bits: tuple[int, ...], rules: Rules, rel: Relaxat
         elif sol.result.status == "optimal":
             proved.append(sol.result.objective)
         else:
+            state.out_of_time()
             return lower  # out of time on this order: nothing more is proved
         if _closed(state, lower, gap):
             return lower
@@ -356,9 +365,10 @@ def _to_plan(problem: Problem, rules: Rules, state: SearchState, bound: float | 
                                    gap=gap, wall_s=wall, solver=SOLVER, notes=state.notes))
 
 
-def infeasibility_report(problem: Problem, rules: Rules) -> str:
+def infeasibility_report(problem: Problem, rules: Rules, timed_out: bool = False, time_limit: float = 0.0) -> str:
     """Why nothing fits, in terms a user can act on: which devices lack how much memory, or which rule or quality
-    budget rules the remaining plans out."""
+    budget rules the remaining plans out. `timed_out`: the search stopped at its time limit before it found a plan,
+    so only a shortage of memory is proved; otherwise, more time is the way out."""
     gib = 1024**3
     low = min(problem.bits)
     per_layer = problem.layer_memory(low)
@@ -394,6 +404,10 @@ def infeasibility_report(problem: Problem, rules: Rules) -> str:
         head = (f"{where}; the devices hold at most {capacity} of {m.layers} layers ({by_device}), "
                 f"{short / gib:.1f} GiB missing")
         return "; ".join([head] + lines) + ". Add devices, use a smaller batch or shorter sequences."
+    if timed_out:
+        return (f"{where}; the devices have memory enough, but the search stopped at its time limit of "
+                f"{time_limit:g} s before it found a plan. Give it more time (llmpq plan --time-limit, or "
+                "plan_time_limit in a serve config).")
     if rules.even_split:
         size = max(even_split(m.layers, len(devices)))
         tight = min(devices, key=lambda d: problem.usable_memory(d.gpu))

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from llmpq_serve.server.protocol import ErrorBody, ErrorResponse
+from llmpq_serve.validation import problem
 
 
 class APIError(Exception):
@@ -64,8 +65,7 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
                             f"came with {content_type and 'Content-Type: ' + content_type or 'no Content-Type'})")
             continue
         fields.append(str(location[0]) if location else None)
-        path = ".".join(map(str, location)) or "body"
-        problems.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
+        problems.append(problem(error, location or ["body"]))
     message = "invalid request: " + "; ".join(problems)
     return APIError(400, message, param=next(filter(None, fields), None)).response()
 
