@@ -289,6 +289,15 @@ async def test_why_the_engine_is_not_there_is_said_to_the_client() -> None:
     ("/v1/completions", {"prompt": [True]}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": [[5, 2.0]]}, 400, None, "prompt"),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [True]}, 400, None, "stop_token_ids"),
+    # pydantic's lax mode would read these as 1, 2, 0.5 and true
+    ("/v1/completions", {"prompt": "hi", "n": True}, 400, None, "n"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "2"}, 400, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "0.5"}, 400, None, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "seed": False}, 400, None, "seed"),
+    ("/v1/completions", {"prompt": "hi", "stream": "true"}, 400, None, "stream"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": 1}, 400, None, "ignore_eos"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": True}, 400,
+     None, "max_completion_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, None, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -3}, 400, None, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, 400, None, "temperature"),
@@ -346,9 +355,11 @@ async def test_parameters_sent_as_null_or_asking_for_nothing_are_accepted(client
     response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2} | nothing)
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["text"] == reply_text(engine, 2)
-    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": False, "tools": [],
+    # 2.0 is the JSON number 2, as some clients write every number
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2.0, "logprobs": False, "tools": [],
             "response_format": {"type": "text"}}
     assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+    assert engine.requests[-1][1].max_tokens == 2
 
 
 async def test_chat_content_parts_and_the_developer_role(client: httpx.AsyncClient, engine: FakeEngine) -> None:

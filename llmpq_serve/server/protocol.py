@@ -7,6 +7,7 @@ reading `logprobs` would get nulls)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,6 +15,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     Field,
+    StrictBool,
     StrictInt,
     TypeAdapter,
     ValidationInfo,
@@ -44,6 +46,16 @@ def _characters(value: str) -> str:
 Text = Annotated[str, AfterValidator(_characters)]
 
 
+def _json_number(value: Any) -> Any:
+    """pydantic's lax mode reads true as 1 and "2" as 2: in JSON those are a client's mistake, 2.0 is still 2."""
+    if isinstance(value, bool | str):
+        raise ValueError(f"expected a number, got {json.dumps(value)}")  # noqa: TRY004 - pydantic reports ValueErrors
+    return value
+
+
+Number = BeforeValidator(_json_number)  # on the whole of `int | None`: a union would report it once per member
+
+
 def _prompt_batch(value: Any) -> Any:
     """OpenAI's prompt (a text, token ids, or a batch of either) as the list of its prompts."""
     batch = value if isinstance(value, list) and value and isinstance(value[0], str | list) else [value]
@@ -53,7 +65,7 @@ def _prompt_batch(value: Any) -> Any:
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class GenerationRequest(BaseModel):
@@ -61,15 +73,15 @@ class GenerationRequest(BaseModel):
     extensions."""
 
     model: str | None = None
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    temperature: Annotated[float | None, Number] = Field(None, ge=0.0, le=2.0)
+    top_p: Annotated[float | None, Number] = Field(None, gt=0.0, le=1.0)
+    top_k: Annotated[int | None, Number] = Field(None, ge=0)
+    seed: Annotated[int | None, Number] = None
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     stop_token_ids: list[StrictInt] = Field(default_factory=list)
-    ignore_eos: bool = False
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    ignore_eos: StrictBool = False
+    n: Annotated[int, Number] = Field(1, ge=1, le=MAX_CHOICES)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     echo: Any = None
@@ -122,7 +134,7 @@ class GenerationRequest(BaseModel):
 class CompletionRequest(GenerationRequest):
     # strict: a true or 2.0 among token ids is a client's mistake, not token 1 or 2
     prompt: Annotated[list[Text | list[StrictInt]], BeforeValidator(_prompt_batch)]
-    max_tokens: int | None = Field(16, ge=1, description="null: as many as the context leaves")
+    max_tokens: Annotated[int | None, Number] = Field(16, ge=1, description="null: as many as the context leaves")
 
 
 class TextPart(BaseModel):
@@ -157,8 +169,8 @@ _TEXT_PARTS = TypeAdapter(list[TextPart])
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="OpenAI's older name of max_completion_tokens")
+    max_completion_tokens: Annotated[int | None, Number] = Field(None, ge=1)
+    max_tokens: Annotated[int | None, Number] = Field(None, ge=1, description="OpenAI's older name of max_completion_tokens")
 
     @property
     def max_new_tokens(self) -> int | None:
