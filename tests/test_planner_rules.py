@@ -186,6 +186,27 @@ def test_a_search_cut_by_its_time_limit_says_so_not_that_memory_is_short(cases):
     assert "fits within memory" not in message and "GiB missing" not in message
 
 
+def test_the_search_bounds_each_micro_batch_size_once_and_the_fast_heuristic_stops_after_its_layouts(cases,
+                                                                                                   monkeypatch):
+    """The ranking's LPs are most of a large cluster's solve time (32 devices: 24 s of 30 s before): each prefill
+    and each decode size is bounded once per endpoint pair, not once per pair of sizes. The fast heuristic proves
+    nothing, so it bounds no combo after its last layout."""
+    from llmpq_serve.planner import search
+    from llmpq_serve.planner.relaxation import Relaxation
+
+    problem = _problem(cases["4"], budget=0.25)  # where the heuristic lays out all of its combos
+    events = []
+    bound, realise = Relaxation.lp_bound, search._realise
+    monkeypatch.setattr(Relaxation, "lp_bound", lambda self: events.append("bound") or bound(self))
+    monkeypatch.setattr(search, "_realise", lambda *a: events.append("layout") or realise(*a))
+    sizes, ends = len(problem.micro_batch_candidates()), len(search.endpoint_pairs(problem))
+    search._ranked_combos(problem, problem.bits, METHODS["llmpq"])
+    assert events == ["bound"] * (2 * sizes * ends)
+    events.clear()
+    plan(problem, "llmpq_fast")
+    assert events.count("layout") == search.FAST_COMBOS and events[-1] == "layout"
+
+
 def test_bad_inputs():
     opt = ModelSpec.from_catalog("opt-13b")
     one = ClusterSpec.from_dict({"devices": [{"type": "A100-SXM4-80GB", "count": 1}]})

@@ -141,10 +141,11 @@ def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state
         bounds[i] = lower = max(rank, rel.lp_bound())
         if not math.isfinite(lower) or _closed(state, lower, gap):
             continue
-        if rules.fast:  # the LP's rounded counts, laid out; nothing proved
-            if laid_out < FAST_COMBOS:
-                laid_out += 1
-                _realise(problem, bits, rules, rel, lower, state, start, time_limit, gap)
+        if rules.fast:  # the LP's rounded counts, laid out; nothing proved, so the combos after these are not bounded
+            _realise(problem, bits, rules, rel, lower, state, start, time_limit, gap)
+            laid_out += 1
+            if laid_out == FAST_COMBOS:
+                break
             continue
         result = rel.solve(time_limit=max(0.2, time_limit - (time.perf_counter() - start)), gap=gap / 4)
         if result.objective is None:
@@ -167,8 +168,9 @@ def _ranked_combos(problem: Problem, bits: tuple[int, ...],
     combos = []
     for first, last in endpoint_pairs(problem):
         if rules.phase_aware:
-            pre = {p: Relaxation(problem, bits, first, last, p, None).lp_bound() for p, _ in pairs}
-            dec = {d: Relaxation(problem, bits, first, last, None, d).lp_bound() for _, d in pairs}
+            # each size once: the pairs hold every size once per size of the other phase
+            pre = {p: Relaxation(problem, bits, first, last, p, None).lp_bound() for p in {p for p, _ in pairs}}
+            dec = {d: Relaxation(problem, bits, first, last, None, d).lp_bound() for d in {d for _, d in pairs}}
             combos += [(pre[p] + dec[d], first, last, p, d) for p, d in pairs]
         else:
             combos += [(-math.inf, first, last, p, d) for p, d in pairs]
