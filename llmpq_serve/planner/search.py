@@ -369,8 +369,8 @@ def _to_plan(problem: Problem, rules: Rules, state: SearchState, bound: float | 
 
 def infeasibility_report(problem: Problem, rules: Rules, timed_out: bool = False, time_limit: float = 0.0) -> str:
     """Why nothing fits, in terms a user can act on: which devices lack how much memory, or which rule or quality
-    budget rules the remaining plans out. `timed_out`: the search stopped at its time limit before it found a plan,
-    so only a shortage of memory is proved; otherwise, more time is the way out."""
+    budget rules the remaining plans out. `timed_out`: the time limit cut the search short, so nothing but a
+    shortage of memory is proved, and short of that the way out is more time."""
     gib = 1024**3
     low = min(problem.bits)
     per_layer = problem.layer_memory(low)
