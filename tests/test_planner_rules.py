@@ -200,11 +200,34 @@ def test_the_search_bounds_each_micro_batch_size_once_and_the_fast_heuristic_sto
     monkeypatch.setattr(Relaxation, "lp_bound", lambda self: events.append("bound") or bound(self))
     monkeypatch.setattr(search, "_realise", lambda *a: events.append("layout") or realise(*a))
     sizes, ends = len(problem.micro_batch_candidates()), len(search.endpoint_pairs(problem))
-    search._ranked_combos(problem, problem.bits, METHODS["llmpq"])
+    search._ranked_combos(problem, problem.bits, METHODS["llmpq"], search.SearchState(), math.inf)
     assert events == ["bound"] * (2 * sizes * ends)
     events.clear()
     plan(problem, "llmpq_fast")
     assert events.count("layout") == search.FAST_COMBOS and events[-1] == "layout"
+
+
+def test_the_ranking_keeps_the_time_limit(cases, monkeypatch):
+    """Ranking 32 devices takes seconds: past the time limit it stops, and the search says why it found nothing."""
+    import time
+
+    from llmpq_serve.planner.relaxation import Relaxation
+
+    problem = _problem(cases["4"], budget=0.25)
+    calls = []
+    bound = Relaxation.lp_bound
+
+    def slow(self):
+        calls.append(1)
+        time.sleep(0.05)
+        return bound(self)
+
+    monkeypatch.setattr(Relaxation, "lp_bound", slow)
+    with pytest.raises(InfeasibleError, match="stopped at its time limit of 0.2 s"):
+        plan(problem, "llmpq", time_limit=0.2)
+    from llmpq_serve.planner.search import endpoint_pairs
+
+    assert len(calls) < 2 * len(problem.micro_batch_candidates()) * len(endpoint_pairs(problem)) / 2
 
 
 def test_bad_inputs():

@@ -128,7 +128,7 @@ def search(problem: Problem, rules: Rules, time_limit: float = 10.0, gap: float 
 def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state: SearchState, start: float,
                     time_limit: float, gap: float) -> float:
     """Returns a lower bound on every plan of this bit set (inf where none is feasible)."""
-    combos = _ranked_combos(problem, bits, rules)
+    combos = _ranked_combos(problem, bits, rules, state, start + time_limit)
     bounds = [rank for rank, *_ in combos]
     laid_out = 0
     for i, (rank, first, last, mb_p, mb_d) in enumerate(combos):
@@ -159,14 +159,18 @@ def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state
     return min(bounds, default=math.inf)
 
 
-def _ranked_combos(problem: Problem, bits: tuple[int, ...],
-                   rules: Rules) -> list[tuple[float, DeviceSpec, DeviceSpec, int, int]]:
+def _ranked_combos(problem: Problem, bits: tuple[int, ...], rules: Rules, state: SearchState,
+                   deadline: float) -> list[tuple[float, DeviceSpec, DeviceSpec, int, int]]:
     """Every (first, last, prefill micro-batch, decode micro-batch) with a lower bound, smallest first. With separate
     micro-batches the bound of a pair is the sum of a prefill-only and a decode-only relaxation: the objective is the
-    sum of the two parts, so the sum of their minima bounds it, and 2n small LPs rank n^2 pairs."""
+    sum of the two parts, so the sum of their minima bounds it, and 2n small LPs rank n^2 pairs. Past `deadline`
+    (perf_counter) the endpoint pairs not ranked yet are left out."""
     pairs = micro_batch_pairs(problem, rules)
     combos = []
     for first, last in endpoint_pairs(problem):
+        if time.perf_counter() > deadline:  # 32 devices take seconds to rank
+            state.out_of_time("time limit reached while ranking the endpoints and micro-batch sizes")
+            break
         if rules.phase_aware:
             # each size once: the pairs hold every size once per size of the other phase
             pre = {p: Relaxation(problem, bits, first, last, p, None).lp_bound() for p in {p for p, _ in pairs}}
