@@ -20,7 +20,9 @@ from llmpq_serve.planner.relaxation import Relaxation
 from llmpq_serve.spec import DeviceSpec
 
 SOLVER = "HiGHS via PuLP"
+Combo = tuple[float, DeviceSpec, DeviceSpec, int, int]  # (lower bound, first device, last device, µb prefill, decode)
 FAST_COMBOS = 8  # relaxation combos, best LP bound first, that the fast heuristic lays out
+LAST_RESORT_S = 1.0  # per relaxation, past the time limit, where the search has no plan yet
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,9 @@ def search(problem: Problem, rules: Rules, time_limit: float = 10.0, gap: float 
 
 def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state: SearchState, start: float,
                     time_limit: float, gap: float) -> float:
-    """Returns a lower bound on every plan of this bit set (inf where none is feasible)."""
-    combos = _ranked_combos(problem, bits, rules, state, start + time_limit)
+    """Returns a lower bound on every plan of this bit set (inf where none is feasible, -inf where the time limit
+    left endpoints unranked)."""
+    combos, complete = _ranked_combos(problem, bits, rules, state, start + time_limit)
     bounds = [rank for rank, *_ in combos]
     laid_out = 0
     for i, (rank, first, last, mb_p, mb_d) in enumerate(combos):
@@ -156,21 +159,40 @@ def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state
         bounds[i] = max(lower, result.bound if result.bound is not None else result.objective)
         if not _closed(state, bounds[i], gap):
             bounds[i] = _realise(problem, bits, rules, rel, bounds[i], state, start, time_limit, gap)
-    return min(bounds, default=math.inf)
+    if state.best is None and state.cut_short:
+        _lay_out_best_ranked(problem, bits, rules, state, combos, start, time_limit, gap)
+    return min(bounds, default=math.inf) if complete else -math.inf
+
+
+def _lay_out_best_ranked(problem: Problem, bits: tuple[int, ...], rules: Rules, state: SearchState,
+                         combos: list[Combo], start: float, time_limit: float, gap: float) -> None:
+    """The time limit came before the first plan: the best-ranked combos' relaxations solved (briefly) and laid out
+    without the exact search, until one gives a plan. A plan with nothing proved beats none, above all for a server
+    re-planning. (The LP's rounded counts, which the fast heuristic lays out, often overfill a device.)"""
+    for rank, first, last, mb_p, mb_d in combos[:FAST_COMBOS]:
+        rel = Relaxation(problem, bits, first, last, mb_p, mb_d)
+        result = rel.solve(time_limit=LAST_RESORT_S, gap=gap)
+        if result.objective is not None:
+            _realise(problem, bits, replace(rules, fast=True), rel, rank, state, start, time_limit, gap)
+        if state.best is not None:
+            state.notes.append("time limit reached before the first plan: the best-ranked combos were laid out "
+                               "instead, without the exact search")
+            return
 
 
 def _ranked_combos(problem: Problem, bits: tuple[int, ...], rules: Rules, state: SearchState,
-                   deadline: float) -> list[tuple[float, DeviceSpec, DeviceSpec, int, int]]:
-    """Every (first, last, prefill micro-batch, decode micro-batch) with a lower bound, smallest first. With separate
-    micro-batches the bound of a pair is the sum of a prefill-only and a decode-only relaxation: the objective is the
-    sum of the two parts, so the sum of their minima bounds it, and 2n small LPs rank n^2 pairs. Past `deadline`
-    (perf_counter) the endpoint pairs not ranked yet are left out."""
+                   deadline: float) -> tuple[list[Combo], bool]:
+    """Every (first, last, prefill micro-batch, decode micro-batch) with a lower bound, smallest first, and whether
+    that is every one. With separate micro-batches the bound of a pair is the sum of a prefill-only and a decode-only
+    relaxation: the objective is the sum of the two parts, so the sum of their minima bounds it, and 2n small LPs
+    rank n^2 pairs. Past `deadline` (perf_counter), once some combo is feasible, the endpoint pairs not ranked yet
+    are left out."""
     pairs = micro_batch_pairs(problem, rules)
     combos = []
     for first, last in endpoint_pairs(problem):
-        if time.perf_counter() > deadline:  # 32 devices take seconds to rank
+        if time.perf_counter() > deadline and any(c[0] < math.inf for c in combos):  # 32 devices take seconds
             state.out_of_time("time limit reached while ranking the endpoints and micro-batch sizes")
-            break
+            return _usable(combos), False
         if rules.phase_aware:
             # each size once: the pairs hold every size once per size of the other phase
             pre = {p: Relaxation(problem, bits, first, last, p, None).lp_bound() for p in {p for p, _ in pairs}}
@@ -178,9 +200,12 @@ def _ranked_combos(problem: Problem, bits: tuple[int, ...], rules: Rules, state:
             combos += [(pre[p] + dec[d], first, last, p, d) for p, d in pairs]
         else:
             combos += [(-math.inf, first, last, p, d) for p, d in pairs]
-    combos = [c for c in combos if math.isfinite(c[0]) or c[0] == -math.inf]
-    combos.sort(key=lambda c: c[0])
-    return combos
+    return _usable(combos), True
+
+
+def _usable(combos: list[Combo]) -> list[Combo]:
+    """The combos some plan may come from (an infinite bound: not even the LP is feasible), smallest bound first."""
+    return sorted((c for c in combos if c[0] < math.inf), key=lambda c: c[0])
 
 
 def _realise(problem: Problem, bits: tuple[int, ...], rules: Rules, rel: Relaxation, lower: float,
