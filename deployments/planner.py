@@ -75,7 +75,6 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
                "decode_micro_batch": config.decode_micro_batch}
         return stages, config.prefill_micro_batch, config.decode_micro_batch, doc
 
-    from llmpq_serve.cli import quality_target
     from llmpq_serve.costmodel import SUPPORTED_BITS, CostModel
     from llmpq_serve.indicator import Indicator
     from llmpq_serve.planner import InfeasibleError, Problem, plan
@@ -97,7 +96,7 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
         bits = SUPPORTED_BITS
     problem = Problem(model, cluster, config.workload, cost=CostModel(model), indicator=indicator, bits=bits,
                       context=config.max_context)
-    problem = problem.with_quality(quality_target(problem, config.theta, None, config.quality))
+    problem = problem.with_target(config.theta, None, config.quality)
     try:
         result = plan(problem, config.method, time_limit=config.plan_time_limit)
     except InfeasibleError as e:

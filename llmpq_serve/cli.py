@@ -7,20 +7,14 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import ValidationError
 
-from llmpq_serve.config import PLAN_METHODS
+from llmpq_serve.config import NAMED_TARGETS, PLAN_METHODS
 from llmpq_serve.costmodel import CostConfig, CostModel
 from llmpq_serve.spec import ClusterSpec, ModelSpec, Workload
 from llmpq_serve.validation import describe
-
-if TYPE_CHECKING:
-    from llmpq_serve.planner import Problem, QualityTarget
-
-NAMED_TARGETS = {"fp16": 16, "int8": 8, "awq4": 4, "awq3": 3}
 
 
 def _number(kind: type, least: float, strict: bool):
@@ -40,18 +34,6 @@ def _number(kind: type, least: float, strict: bool):
 POSITIVE_INT, POSITIVE, NON_NEGATIVE = _number(int, 0, True), _number(float, 0, True), _number(float, 0, False)
 
 
-def quality_target(problem: Problem, theta: float | None, budget: float | None, named: str | None) -> QualityTarget:
-    """θ and/or a budget; `named` is a budget given as "no worse than the whole model at these bits"."""
-    from llmpq_serve.planner import QualityTarget
-
-    if named is not None:
-        budget = problem.indicator.uniform_quality(NAMED_TARGETS[named])
-    label = f"no worse than the whole model at {named}" if named else ""
-    if theta is None and budget is None:
-        theta = 1.0
-    return QualityTarget(theta=theta or 0.0, budget=budget, label=label)
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from llmpq_serve.indicator import Indicator
     from llmpq_serve.planner import InfeasibleError, Problem, plan
@@ -64,7 +46,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cost = CostModel(model, CostConfig(profiles_dir=args.profiles))
     indicator = Indicator.from_json(args.indicator) if args.indicator else None
     problem = Problem(model, cluster, workload, cost=cost, indicator=indicator)
-    problem = problem.with_quality(quality_target(problem, args.theta, args.budget, args.quality))
+    problem = problem.with_target(args.theta, args.budget, args.quality)
     try:
         result = plan(problem, args.method, time_limit=args.time_limit, gap=args.gap)
     except InfeasibleError as e:

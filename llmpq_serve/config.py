@@ -17,6 +17,9 @@ DEMO_MODELS = {"demo-llama": "llama", "demo-opt": "opt"}
 # without importing the solver stack
 PlanMethod = Literal["llmpq", "uniform", "pipeedge", "llmpq_no_adabits", "llmpq_no_phase", "llmpq_fast"]
 PLAN_METHODS: tuple[str, ...] = get_args(PlanMethod)
+# a quality target by name: no worse than the whole model in that format (its bits)
+QualityName = Literal["fp16", "int8", "awq4", "awq3"]
+NAMED_TARGETS: dict[str, int] = dict(zip(get_args(QualityName), (16, 8, 4, 3), strict=True))
 
 
 class FixedStage(BaseModel):
@@ -32,7 +35,7 @@ class ServeConfig(BaseModel):
 
     model: str = Field(description="checkpoint directory, or demo-llama / demo-opt (trained on first use)")
     cluster: str = Field("ray", description="'ray' (the live cluster's GPUs) or a cluster YAML")
-    quality: Literal["fp16", "int8", "awq4", "awq3"] | None = Field(
+    quality: QualityName | None = Field(
         "awq4", description="no worse than the whole model at this format (the planner's quality budget)")
     theta: float | None = Field(None, ge=0, description="weight of quality against latency (instead of quality)")
     method: PlanMethod = "llmpq"

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+from llmpq_serve.config import NAMED_TARGETS
 from llmpq_serve.costmodel import SUPPORTED_BITS, CostModel, Phase
 from llmpq_serve.indicator import Indicator
 from llmpq_serve.planner.plan import Predicted, QualityTarget, StagePrediction
@@ -63,6 +64,17 @@ class Problem:
         if not workload.max_len <= self.context <= model.max_pos:
             raise ValueError(f"a context of {self.context} tokens must hold the workload's prompt {workload.prompt_len} "
                              f"+ output {workload.gen_len} tokens and stay within the model's {model.max_pos}")
+
+    def with_target(self, theta: float | None = None, budget: float | None = None,
+                    named: str | None = None) -> Problem:
+        """Under θ and/or a budget; `named` (fp16, int8, awq4, awq3) is the budget "no worse than the whole model
+        in that format". With neither, θ = 1."""
+        if named is not None:
+            budget = self.indicator.uniform_quality(NAMED_TARGETS[named])
+        label = f"no worse than the whole model at {named}" if named else ""
+        if theta is None and budget is None:
+            theta = 1.0
+        return self.with_quality(QualityTarget(theta=theta or 0.0, budget=budget, label=label))
 
     def with_quality(self, quality: QualityTarget) -> Problem:
         """The same problem under another quality target (cost tables are shared, not recomputed)."""
