@@ -27,6 +27,12 @@ def test_plan_table_and_methods(capsys):
     assert "pipeedge" in out and "T4" in out and "tokens/s" in out
 
 
+def test_a_plan_laid_out_when_time_ran_out_says_so(capsys):
+    assert main(["plan", "--model", "opt-30b", "--cluster", CLUSTER, "--time-limit", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "llmpq feasible" in out and "note: time limit reached before the first plan" in out
+
+
 def test_plan_errors_are_messages_not_tracebacks(capsys, tmp_path):
     assert main(["plan", "--model", "bloom-176b", "--cluster", CLUSTER]) == 2
     assert "GiB missing" in capsys.readouterr().err

@@ -141,4 +141,6 @@ class Plan(BaseModel):
         tail = (f"\npredicted: prefill {p.prefill_s:.2f} s, decode {p.decode_s:.2f} s, latency {p.latency_s:.2f} s, "
                 f"{p.tokens_per_s:.1f} tokens/s, quality {p.quality:.4f}\n"
                 f"solver: {sv.method} {sv.status} ({sv.solver}) objective {sv.objective:.4f}{gap}, {sv.wall_s:.2f} s")
+        # the time limit's notes say how far to trust the plan (one laid out when time ran out proves nothing)
+        tail += "".join(f"\nnote: {n}" for n in dict.fromkeys(sv.notes))
         return head + "\n".join(lines) + tail
