@@ -7,10 +7,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmpq_serve import catalog
-from llmpq_serve.validation import describe, yaml_mapping
+from llmpq_serve.validation import naming, yaml_mapping
 
 Arch = Literal["llama", "qwen2", "opt", "bloom"]
 _LLAMA_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -263,10 +263,8 @@ class ClusterSpec(BaseModel):
     def from_yaml(cls, path: str | Path) -> ClusterSpec:
         """A cluster file; what is wrong in one is a ValueError that names the file."""
         data = yaml_mapping(path, "cluster file")
-        try:
+        with naming(path, "cluster file"):
             return cls.from_dict({"name": Path(path).stem, **data})
-        except ValidationError as e:
-            raise ValueError(f"cluster file {path}: {describe(e)}") from None
 
     @classmethod
     def from_ray(cls, gpu_overrides: dict[str, str] | None = None, inter_node_gbs: float = 3.0) -> ClusterSpec:

@@ -5,7 +5,8 @@ the file's name where yaml's own text says "<unicode string>"."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,8 +44,15 @@ def json_model(model: type[M], path: str | Path, what: str, **defaults: Any) -> 
         data = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
-    try:
+    with naming(path, what):
         return model.model_validate({**defaults, **_mapping(data, path, what)})
+
+
+@contextmanager
+def naming(path: str | Path, what: str) -> Iterator[None]:
+    """Validation errors within, as one ValueError that names the file they came from."""
+    try:
+        yield
     except ValidationError as e:
         raise ValueError(f"{what} {path}: {describe(e)}") from None
 

@@ -70,7 +70,8 @@ def test_plan_file_mistakes_name_the_file_in_one_line(capsys, tmp_path):
     cases = [
         (["--cluster", str(listed)], f"cluster file {listed} holds a list, not a mapping"),
         (["--cluster", str(extra)], f"cluster file {extra}: foo: Extra inputs are not permitted"),
-        (["--cluster", CLUSTER, "--indicator", str(no_int8)], f"indicator file {no_int8}: the indicator must give ω at 3"),
+        (["--cluster", CLUSTER, "--indicator", str(no_int8)],
+         f"indicator file {no_int8}: the indicator must give ω at 3"),
         (["--cluster", CLUSTER, "--indicator", str(not_json)], f"indicator file {not_json} is not valid JSON"),
         (["--cluster", CLUSTER, "--model", str(tmp_path)], f"{tmp_path} holds no config.json"),
         (["--cluster", CLUSTER, "--profiles", str(tmp_path / "none")], "no such folder"),

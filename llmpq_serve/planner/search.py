@@ -152,9 +152,11 @@ def _search_relaxed(problem: Problem, bits: tuple[int, ...], rules: Rules, state
             continue
         result = rel.solve(time_limit=max(0.2, time_limit - (time.perf_counter() - start)), gap=gap / 4)
         if result.objective is None:
-            if result.status != "infeasible":
+            if result.status == "infeasible":
+                bounds[i] = math.inf
+            else:
                 state.out_of_time()
-            bounds[i] = math.inf if result.status == "infeasible" else max(lower, result.bound or lower)
+                bounds[i] = max(lower, result.bound or lower)
             continue
         bounds[i] = max(lower, result.bound if result.bound is not None else result.objective)
         if not _closed(state, bounds[i], gap):

@@ -170,7 +170,8 @@ _TEXT_PARTS = TypeAdapter(list[TextPart])
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int | None, Number] = Field(None, ge=1)
-    max_tokens: Annotated[int | None, Number] = Field(None, ge=1, description="OpenAI's older name of max_completion_tokens")
+    max_tokens: Annotated[int | None, Number] = Field(None, ge=1,
+                                                      description="OpenAI's older name of max_completion_tokens")
 
     @property
     def max_new_tokens(self) -> int | None:
