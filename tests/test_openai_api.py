@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from llmpq_serve.runtime.sampling import SamplingParams
-from llmpq_serve.server import protocol
+from llmpq_serve.server import openai_app, protocol
 from llmpq_serve.server.engine import GenerationEvent, QueueFullError
 from llmpq_serve.server.openai_app import build_app
 
@@ -206,7 +206,9 @@ async def test_streamed_chat_choices_are_told_apart_by_their_index(client: httpx
 async def test_a_choice_the_queue_refuses_refuses_the_request_and_cancels_the_others(
         client: httpx.AsyncClient, engine: FakeEngine, stream: bool) -> None:
     engine.capacity = 2
-    response = await client.post("/v1/completions", json={"prompt": "hi", "n": 3, "stream": stream})
+    engine.hang_at = 0  # the choices queued wait for their first token: the 429 must not wait with them
+    with anyio.fail_after(5):
+        response = await client.post("/v1/completions", json={"prompt": "hi", "n": 3, "stream": stream})
     assert_error(response, 429, "queue_full")
     assert engine.cancelled == [rid for *_, rid in engine.requests[:2]]
     metrics = (await client.get("/metrics")).text
@@ -402,6 +404,17 @@ async def test_limits_of_the_runtime_beyond_openais(client: httpx.AsyncClient, e
     assert engine.requests == []
 
 
+async def test_a_batch_beyond_the_choice_limit_is_refused_before_it_is_tokenized(
+        client: httpx.AsyncClient, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def tokenize(*_: object) -> None:
+        raise AssertionError("tokenized a batch it refuses")
+
+    monkeypatch.setattr(openai_app, "completion_prompt", tokenize)
+    message = assert_error(await client.post("/v1/completions", json={"prompt": ["hi"] * 10_000}), 400, param="n")
+    assert "10000" in message and "64" in message
+    assert engine.requests == []
+
+
 async def test_requests_longer_than_the_context(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     message = assert_error(await client.post("/v1/completions", json={"prompt": list(range(64))}), 400,
                            param="prompt")
@@ -491,6 +504,33 @@ async def test_client_disconnect_cancels_the_request(engine: FakeEngine, spec_ve
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
         metrics = (await http.get("/metrics")).text
     assert "llmpq_requests_cancelled_total 1.0" in metrics
+    assert "llmpq_requests_running 0.0" in metrics
+
+
+async def test_client_disconnect_cancels_a_whole_answer(engine: FakeEngine) -> None:
+    """A response that is not streamed sends nothing before it is done, so only `receive` hears the client go."""
+    engine.hang_at = 3
+    app = build_app(lambda: engine)
+    scope, body = asgi_request("/v1/completions", {"prompt": "hi", "max_tokens": 8}, "2.4")
+    bodies = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if bodies:
+            return bodies.pop()
+        await asyncio.sleep(0.05)  # the engine is at work by then
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    assert engine.cancelled == [engine.requests[0][2]]
+    assert sent[0]["status"] == openai_app.CLIENT_CLOSED_REQUEST
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        metrics = (await http.get("/metrics")).text
     assert "llmpq_requests_running 0.0" in metrics
 
 

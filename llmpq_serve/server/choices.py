@@ -38,6 +38,9 @@ class Choices:
         except APIError as err:
             if not answered and self._early_error is None:
                 self._early_error = err
+                # at once: waiting for the other choices' first tokens would hold a 429 until the queue ahead
+                # of them had drained, the very moment the server is overloaded
+                self._answered.set()
             self._events.put_nowait((index, err))
         finally:
             if not answered:

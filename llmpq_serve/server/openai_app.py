@@ -3,15 +3,17 @@ server-sent events or not), the model list, the live plan, a health probe and Pr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.types import Receive
 
 from llmpq_serve import __version__
 from llmpq_serve.runtime.sampling import SamplingParams
@@ -35,6 +37,8 @@ from llmpq_serve.server.protocol import (
 logger = logging.getLogger(__name__)
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+# nginx's status for a request whose client left before its answer: nobody reads it, the metrics count it apart
+CLIENT_CLOSED_REQUEST = 499
 
 
 def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], str] = lambda: NOT_LOADED) -> FastAPI:
@@ -62,8 +66,9 @@ def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], s
         return engine
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Response:
+    async def completions(request: CompletionRequest, http: Request) -> Response:
         engine = engine_for(request.model)
+        _check_choices(len(request.prompt), request.n)  # before a batch of any length is tokenized on the loop
         prompts = []
         for prompt in request.prompt:
             ids = completion_prompt(engine.tokenizer, prompt)
@@ -71,10 +76,10 @@ def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], s
                                                 prompt_param="prompt", limit_param="max_tokens")))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         choices = await _start(engine, request, prompts, request_id, metrics)
-        return await _respond(choices, CompletionFormat(request_id, engine.model_name), request)
+        return await _respond(choices, CompletionFormat(request_id, engine.model_name), request, http)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> Response:
+    async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
         engine = engine_for(request.model)
         prompt_ids = chat_prompt(engine.tokenizer, request.messages)
         limit_param = "max_tokens" if request.max_completion_tokens is None else "max_completion_tokens"
@@ -82,7 +87,7 @@ def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], s
                                limit_param=limit_param)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         choices = await _start(engine, request, [(prompt_ids, limit)], request_id, metrics)
-        return await _respond(choices, ChatFormat(request_id, engine.model_name), request)
+        return await _respond(choices, ChatFormat(request_id, engine.model_name), request, http)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -125,13 +130,16 @@ def _sampling(request: GenerationRequest, max_tokens: int, sample: int) -> Sampl
         raise APIError(400, f"invalid request: {param}: {error['msg']}", param=param) from exc
 
 
+def _check_choices(prompts: int, n: int) -> None:
+    if prompts * n > MAX_CHOICES:
+        raise APIError(400, f"{prompts} prompt(s) x n={n} asks for {prompts * n} choices; "
+                       f"one request may ask for at most {MAX_CHOICES}", param="n")
+
+
 async def _start(engine: Engine, request: GenerationRequest, prompts: list[tuple[list[int], int]], request_id: str,
                  metrics: ServerMetrics) -> Choices:
     """`request.n` choices of each (prompt ids, token limit), choice i * n + j being prompt i's j-th (OpenAI's
     order)."""
-    if len(prompts) * request.n > MAX_CHOICES:
-        raise APIError(400, f"{len(prompts)} prompt(s) x n={request.n} asks for {len(prompts) * request.n} choices; "
-                       f"one request may ask for at most {MAX_CHOICES}", param="n")
     wanted = [(ids, _sampling(request, limit, j)) for ids, limit in prompts for j in range(request.n)]
     gens: list[Generation] = []
     try:
@@ -145,17 +153,45 @@ async def _start(engine: Engine, request: GenerationRequest, prompts: list[tuple
     return Choices(gens, sum(len(ids) for ids, _ in prompts))
 
 
-async def _respond(choices: Choices, fmt: Format, request: GenerationRequest) -> Response:
+async def _respond(choices: Choices, fmt: Format, request: GenerationRequest, http: Request) -> Response:
     if request.stream:
         return await _stream(choices, fmt, request.include_usage)
     texts: list[list[str]] = [[] for _ in choices.generations]
-    try:
+
+    async def collect() -> None:
         while (item := await choices.next()) is not None:
             texts[item[0]].append(item[1].text)
+
+    try:
+        if not await _unless_disconnected(http, collect()):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         await choices.close()
     whole = [("".join(parts), choices.finish_reason(i)) for i, parts in enumerate(texts)]
     return JSONResponse(fmt.response(whole, choices.usage()).model_dump())
+
+
+async def _unless_disconnected(http: Request, work: Awaitable[None]) -> bool:
+    """Runs `work` unless the client leaves first (then cancels it and returns False). A whole answer sends
+    nothing until it is done, so only `receive` tells of a client gone: otherwise its request would go on to its
+    token limit, holding a KV slot, for nobody."""
+    done = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(http.receive))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (done, gone):
+            task.cancel()
+        await asyncio.gather(done, gone, return_exceptions=True)
+    if done.cancelled():
+        return False
+    done.result()  # its error, if it failed
+    return True
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _stream(choices: Choices, fmt: Format, include_usage: bool) -> sse.EventStream:
