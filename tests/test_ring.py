@@ -239,6 +239,25 @@ def test_a_ring_whose_stages_cannot_join_leaves_no_connect_waiting(monkeypatch):
     assert len(ended) == 3
 
 
+def test_stages_that_answer_their_join_but_never_link_up_bring_the_chain_down(monkeypatch):
+    """A stage that died right after its join call answered: the micro-batch fails as a lost chain (the scheduler
+    then recovers or fails its requests, /healthz says so) instead of waiting out CONNECT_TIMEOUT."""
+    monkeypatch.setattr(ring, "RING_UP_TIMEOUT_S", 0.5)
+
+    async def join(host, port):
+        return None
+
+    async def go():
+        chain = ring.RingChain(1, HOST, join)
+        try:
+            with pytest.raises(ring.RingDownError, match="not up within"):
+                await chain.forward(RowsSpec([0], [0], [1]), torch.zeros(1, dtype=torch.long))
+        finally:
+            chain.close()
+
+    asyncio.run(asyncio.wait_for(go(), timeout=30))
+
+
 def serve_stage(path, spec, slots, max_seq, host, port):
     """A stage in its own process, as a stage deployment's replica is."""
     loop = ring.StageLoop(StageRunner(path, spec, slots, max_seq).run, 0, 1)

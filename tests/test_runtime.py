@@ -512,6 +512,51 @@ def test_logits_broken_in_one_row_fail_that_request_only():
     assert "NaN or infinity" in str(next(e for e in errors if e is not None))
 
 
+def test_a_slot_whose_request_went_non_finite_serves_its_next_owner_right(demo_checkpoint):
+    """A request whose hidden states overflow fails alone, and the NaN K/V it leaves in its slot must not reach the
+    slot's next owner through the positions its attention masks (0 * NaN is NaN)."""
+    path = demo_checkpoint("llama")
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    short, long = [7, 8, 9], list(range(40, 80))  # batched together: the short one's mask spans the stale positions
+
+    async def go(overflow: bool):
+        engine = local_engine(path, even_stages(3, 2), 2, 2, max_batch=2, max_seq=128)
+        runner = engine.scheduler.chain.runners[1]
+        run = runner.run
+
+        def overflowing(rows, x):
+            return run(rows, torch.full_like(x, float("inf")) if rows.counts == [30] else x)
+
+        runner.run = overflowing if overflow else run
+        try:
+            sick = await finish(engine.scheduler.submit(list(range(5, 35)), greedy))
+            poisoned = bool(runner.cache.k[:, 0].isnan().any())
+            reqs = [engine.scheduler.submit(p, greedy) for p in (short, long)]
+            errors = await asyncio.gather(*[finish(r) for r in reqs])
+            return sick, poisoned, errors, [r.detok.token_ids for r in reqs]
+        finally:
+            await engine.scheduler.stop()
+
+    *_, clean = asyncio.run(go(overflow=False))
+    sick, poisoned, errors, tokens = asyncio.run(go(overflow=True))
+    assert "NaN or infinity" in str(sick) and poisoned
+    assert errors == [None, None] and tokens == clean
+
+
+def test_a_request_id_already_running_is_refused():
+    scheduler = scheduler_over(FlakyChain(), 1, 1, 2)
+
+    async def go():
+        scheduler.submit([1, 2], SamplingParams(max_tokens=4), "same")
+        try:
+            scheduler.submit([3], SamplingParams(max_tokens=4), "same")
+        finally:
+            await scheduler.stop()
+
+    with pytest.raises(ValueError, match="'same' is already running"):
+        asyncio.run(go())
+
+
 def test_a_step_that_gets_through_during_a_recovery_strands_no_lost_request():
     """The chain drops one prefill micro-batch and comes straight back: a decode step of another request gets
     through while the recovery waits, and the lost request is still prefilled again and finishes."""

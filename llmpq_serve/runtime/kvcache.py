@@ -23,6 +23,10 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq = max_seq
 
+    def clear(self, slots: tuple[int, ...]) -> None:
+        self.k[:, list(slots)] = 0
+        self.v[:, list(slots)] = 0
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 

@@ -43,6 +43,8 @@ class StageRunner:
 
     def run(self, rows: RowsSpec, x: torch.Tensor) -> torch.Tensor:
         self.threads.use()
+        if rows.clear:
+            self.cache.clear(rows.clear)
         out = self.shard(x, Rows(rows.slots, rows.starts, rows.counts), self.cache)
         return to_host(out)
 

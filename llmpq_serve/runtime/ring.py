@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = datetime.timedelta(minutes=10)  # every rank must have joined by then (stages load their weights)
 JOIN_TIMEOUT_S = 60.0  # the stages' answer to a join call (a replica on a node that left never answers)
+# The ring's links once every stage has answered its join, their weights long loaded: seconds. A stage that died
+# just after answering, or whose connect failed, would otherwise hold every micro-batch for CONNECT_TIMEOUT, the
+# chain not yet counted as down, so neither recovery nor /healthz would know
+RING_UP_TIMEOUT_S = 30.0
 _PREFIX = struct.Struct("<IQ")  # a message: header bytes, payload bytes; then the pickled header, then the payload
 _RANK = struct.Struct("<I")  # the first bytes on a link: who opened it
 
@@ -297,7 +301,12 @@ class RingChain:
                                                             cancelled)
         try:
             await asyncio.wait_for(self._join(self._host, port), JOIN_TIMEOUT_S)
-            return _Link(await opened, self.stages, self.busy_s)
+            try:
+                links = await asyncio.wait_for(asyncio.shield(opened), RING_UP_TIMEOUT_S)
+            except TimeoutError:
+                raise ConnectionError(f"the stages answered their join but their links were not up within "
+                                      f"{RING_UP_TIMEOUT_S:.0f} s") from None
+            return _Link(links, self.stages, self.busy_s)
         except BaseException:
             cancelled.set()
             opened.add_done_callback(_close_unused)  # links that came up after all belong to no ring

@@ -49,6 +49,9 @@ class RowsSpec:
     slots: list[int]
     starts: list[int]
     counts: list[int]
+    # slots to zero before the micro-batch runs: their last owner left a NaN or infinity in their K/V, which masked
+    # attention would still read (as 0 * NaN) into the next owner's output, and that one's into the next
+    clear: tuple[int, ...] = ()
 
     @property
     def decode(self) -> bool:
@@ -142,6 +145,7 @@ class Scheduler:
         self._tasks: list[asyncio.Task] = []
         self._steps: set[asyncio.Task] = set()  # standalone prefill steps on their way
         self._ids = itertools.count()
+        self._poisoned: set[int] = set()  # slots whose K/V hold a NaN or infinity on some stage (RowsSpec.clear)
         self._use(chain, prefill_micro_batch, decode_micro_batch, groups)
 
     def _use(self, chain: StageChain, prefill_micro_batch: int, decode_micro_batch: int, groups: int) -> None:
@@ -185,6 +189,7 @@ class Scheduler:
         stream goes on where it was. Requests keep their order. Returns how many had started."""
         if chain is not self.chain:
             self._lost_since = None
+            self._poisoned.clear()  # a new chain's caches are new
         await self.stop()
         pmb = prefill_micro_batch or self.prefill_mb
         dmb = decode_micro_batch or self.decode_mb
@@ -225,6 +230,8 @@ class Scheduler:
         if len(prompt) + params.max_tokens > self.max_seq:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context of {self.max_seq} tokens")
+        if request_id in self.live:  # the two would share its KV slot and its place in the decode group
+            raise ValueError(f"a request with id {request_id!r} is already running")
         if len(self.waiting) >= self.options.max_queue:
             raise QueueFullError(retry_after=1.0)
         self.start()
@@ -294,6 +301,7 @@ class Scheduler:
                 self._finish(req)
                 continue
             if tok is None:
+                self._poisoned.add(req.slot)
                 self._fail([req], RuntimeError("the model's logits for this request hold a NaN or infinity, from "
                                                "which no token can be drawn"))
                 continue
@@ -388,10 +396,13 @@ class Scheduler:
         chain is lost."""
         step = decode + [r for r, _ in fresh]
         pieces = [r.context[r.length:r.length + n] for r, n in fresh]
-        rows = RowsSpec([r.slot for r in step], [r.length for r in step], [1] * len(decode) + [len(p) for p in pieces])
+        slots = [r.slot for r in step]
+        clear = tuple(s for s in slots if s in self._poisoned) if self._poisoned else ()
+        rows = RowsSpec(slots, [r.length for r in step], [1] * len(decode) + [len(p) for p in pieces], clear)
         x = torch.tensor([r.last_token for r in decode] + [t for p in pieces for t in p], dtype=torch.long)
         try:
             logits = await self.chain.forward(rows, x)
+            self._poisoned.difference_update(clear)
         except ChainLostError as e:
             self._chain_lost(e)
             return False
