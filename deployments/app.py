@@ -16,7 +16,6 @@ from ray.serve import Application
 from deployments.planner import Planner
 from deployments.router import Router
 from llmpq_serve.config import DEMO_MODELS, ServeConfig
-from llmpq_serve.spec import ClusterSpec
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -27,7 +26,7 @@ def build_app(args: dict[str, Any]) -> Application:
     # the router and the planner may run in another working directory, or on another node with the same files
     given = {} if demo else {"model": str(path)}
     if config.cluster != "ray":
-        ClusterSpec.from_yaml(config.cluster)  # a wrong cluster file fails `serve run` now, not the planner later
+        config.cluster_spec()  # a wrong cluster file fails `serve run` now, not the planner later
         given["cluster"] = str(Path(config.cluster).resolve())
     return Router.bind(Planner.bind({**args, **given}), str(path), config.model if demo else path.name,
                        config.workload.batch_size, config.max_context, config.scheduling())

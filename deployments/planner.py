@@ -23,7 +23,7 @@ from deployments.stage import StageDeployment
 from llmpq_serve.config import ServeConfig
 from llmpq_serve.runtime.shard import QuantOptions, StageSpec, default_quant_dir
 from llmpq_serve.server.errors import NOT_LOADED
-from llmpq_serve.spec import ClusterSpec, GPUSpec, ModelSpec, accelerator_types, slot_count
+from llmpq_serve.spec import GPUSpec, ModelSpec, accelerator_types, slot_count
 
 logger = logging.getLogger("llmpq")
 
@@ -82,7 +82,7 @@ def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tup
     from llmpq_serve.runtime.local import stage_specs
     from llmpq_serve.runtime.quantized import checkpoint_indicator
 
-    cluster = ClusterSpec.from_ray() if config.cluster == "ray" else ClusterSpec.from_yaml(config.cluster)
+    cluster = config.cluster_spec()
     if not cluster.devices:
         raise ValueError("the Ray cluster shows no GPUs with an accelerator_type; start nodes with --num-gpus and "
                          "--resources '{\"accelerator_type:<TYPE>\": 1}' (see the README), or give cluster: <yaml>")

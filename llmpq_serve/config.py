@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llmpq_serve.spec import Workload
+from llmpq_serve import catalog
+from llmpq_serve.spec import ClusterSpec, Workload
 
 if TYPE_CHECKING:
     from llmpq_serve.runtime.scheduler import SchedulerOptions
@@ -35,6 +36,12 @@ class ServeConfig(BaseModel):
 
     model: str = Field(description="checkpoint directory, or demo-llama / demo-opt (trained on first use)")
     cluster: str = Field("ray", description="'ray' (the live cluster's GPUs) or a cluster YAML")
+    gpu_variants: dict[str, str] = Field(
+        default_factory=dict, description="with cluster: ray, which catalog GPU an accelerator_type is where the "
+        "catalog has several ({A100: A100-SXM4-80GB}; Ray does not tell them apart). Default: the one with the least "
+        "memory, so that a plan always fits")
+    inter_node_gbs: float = Field(3.0, gt=0, description="with cluster: ray, the bandwidth between nodes, GB/s per "
+                                  "direction (a cluster YAML gives its own)")
     quality: QualityName | None = Field(
         "awq4", description="no worse than the whole model at this format (the planner's quality budget)")
     theta: float | None = Field(None, ge=0, description="weight of quality against latency (instead of quality)")
@@ -59,6 +66,18 @@ class ServeConfig(BaseModel):
     prefill_micro_batch: int | None = Field(None, gt=0, description="with fixed stages")
     decode_micro_batch: int | None = Field(None, gt=0, description="with fixed stages")
 
+    @field_validator("gpu_variants")
+    @classmethod
+    def _variants_of_their_type(cls, variants: dict[str, str]) -> dict[str, str]:
+        for ray_type, gpu in variants.items():
+            names = catalog.gpus_for_ray_type(ray_type)
+            if not names:
+                raise ValueError(f"the GPU catalog has no accelerator_type {ray_type!r}")
+            if gpu not in names:
+                raise ValueError(f"{gpu!r} is not a catalog GPU of accelerator_type {ray_type!r}; choose from "
+                                 f"{', '.join(names)}")
+        return variants
+
     @model_validator(mode="after")
     def _fixed_stages_are_complete(self) -> ServeConfig:
         if self.stages is not None and (self.prefill_micro_batch is None or self.decode_micro_batch is None):
@@ -71,6 +90,12 @@ class ServeConfig(BaseModel):
         return SchedulerOptions(max_queue=self.max_queue, mixed_steps=self.mixed_steps,
                                 recovery_s=self.recovery_timeout_s, prefill_chunk=self.prefill_chunk_tokens,
                                 prefill_wait_s=self.prefill_wait_ms / 1e3)
+
+    def cluster_spec(self) -> ClusterSpec:
+        """The cluster to plan for: the live Ray cluster's alive GPU nodes as they are now, or the cluster file."""
+        if self.cluster == "ray":
+            return ClusterSpec.from_ray(self.gpu_variants, self.inter_node_gbs)
+        return ClusterSpec.from_yaml(self.cluster)
 
     def checkpoint(self) -> Path:
         """The model's directory; the demo models are trained here on first use."""

@@ -63,9 +63,9 @@ def test_kv_cache_and_activations(tiny):
 def test_usable_memory_paper_rule(tiny):
     cm = CostModel(tiny)
     t4 = GPUSpec.from_catalog("T4")
-    assert cm.usable_memory(t4) == pytest.approx(16 * GiB * 0.95 - 1930 * MiB)
+    assert cm.usable_memory(t4) == pytest.approx(14.56 * GiB * 0.95 - 1930 * MiB)  # what CUDA reports of a T4
     cm2 = CostModel(tiny, CostConfig(memory_fraction=1.0, runtime_overhead_mib=0))
-    assert cm2.usable_memory(t4) == 16 * GiB
+    assert cm2.usable_memory(t4) == 14.56 * GiB
 
 
 def test_roofline_decode_is_memory_bound(tiny):

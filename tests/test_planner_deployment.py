@@ -5,6 +5,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
+from pydantic import ValidationError
 
 from deployments import planner as planner_module
 from llmpq_serve.config import ServeConfig
@@ -225,3 +226,20 @@ def test_a_misspelt_method_fails_the_config_not_the_planner_later():
     assert set(PLAN_METHODS) == set(METHODS)
     with pytest.raises(ValidationError, match="llmpq_fast"):
         ServeConfig(model="m", method="llmpqq")
+
+
+def test_a_ray_clusters_gpu_variants_and_inter_node_bandwidth_come_from_the_config(monkeypatch):
+    """Ray says V100, not which V100: the smallest is planned for unless the config names another."""
+    nodes = [{"Alive": True, "NodeID": "a" * 16, "Resources": {"GPU": 2, "accelerator_type:V100": 1}},
+             {"Alive": True, "NodeID": "b" * 16, "Resources": {"GPU": 1, "accelerator_type:A100": 1}}]
+    monkeypatch.setattr(planner_module.ray, "nodes", lambda: nodes)
+    default = ServeConfig(model="m").cluster_spec()
+    assert sorted(d.gpu for d in default.devices) == ["A100-SXM4-40GB", "V100-SXM2-16GB", "V100-SXM2-16GB"]
+    assert default.inter_node_gbs == 3.0
+    given = ServeConfig(model="m", gpu_variants={"V100": "V100-SXM2-32GB"}, inter_node_gbs=12.5).cluster_spec()
+    assert sorted(d.gpu for d in given.devices) == ["A100-SXM4-40GB", "V100-SXM2-32GB", "V100-SXM2-32GB"]
+    assert given.inter_node_gbs == 12.5
+    with pytest.raises(ValidationError, match="not a catalog GPU of accelerator_type 'V100'; choose from V100-"):
+        ServeConfig(model="m", gpu_variants={"V100": "A100-SXM4-80GB"})
+    with pytest.raises(ValidationError, match="no accelerator_type 'X9'"):
+        ServeConfig(model="m", gpu_variants={"X9": "T4"})

@@ -97,6 +97,26 @@ def test_a_4bit_weight_without_the_int4_kernel_is_held_two_to_a_byte(monkeypatch
     assert not again.int4_kernel and torch.equal(again.qweight, nibbles.qweight)
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+def test_a_layer_loaded_in_half_precision_keeps_half_scales_as_the_cost_model_counts_them(monkeypatch, bits):
+    """A GPU stage loads its layers in its runtime's half type; its dequantized layers (3 bits, and 4 bits below
+    compute capability 8.0) held fp32 scales and zero points, twice what the planner counted."""
+    import llmpq_serve.quant.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "has_int4_kernel", lambda device: False)
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    gq = quantize(lin.weight.detach().float(), bits, 128)
+    state = {k: v.half() if v.is_floating_point() else v
+             for k, v in QuantLinear.from_group_quant(gq, lin.bias).state().items()}
+    half = QuantLinear.from_state(state, bits, 128)
+    assert half.scale.dtype == half.zero.dtype == torch.float16
+    assert half.weight_nbytes() == matrix_bytes(128, 256, bits, 128, float_bytes=2)
+    back = half.group_quant()
+    assert torch.equal(back.q, gq.q) and torch.equal(back.zero, gq.zero)
+    torch.testing.assert_close(half.dequantized_weight(), gq.dequantize(), atol=2e-3, rtol=0)
+
+
 @pytest.mark.parametrize("bits", [16, 8, 4, 3])
 def test_packed_bytes_match_the_cost_model(bits):
     lin = nn.Linear(512, 384, bias=False)

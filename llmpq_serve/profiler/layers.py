@@ -65,7 +65,7 @@ def random_linear(linear: nn.Linear, bits: int, group_size: int, dtype: torch.dt
     gq = GroupQuant(torch.randint(0, levels, (out_f, in_f), dtype=torch.uint8, device=dev),
                     torch.rand(out_f, in_f // g, device=dev) * 1e-2,
                     torch.randint(0, levels, (out_f, in_f // g), dtype=torch.uint8, device=dev), bits, g)
-    return QuantLinear.from_group_quant(gq, bias)
+    return QuantLinear.from_group_quant(gq, bias, dtype)
 
 
 def build_layer(shape: LayerShape, bits: int, device: torch.device, dtype: torch.dtype, group_size: int = 128):

@@ -109,13 +109,15 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_group_quant(cls, gq: GroupQuant, bias: torch.Tensor | None) -> QuantLinear:
-        """Holds `gq` on the device its tensors are on."""
+    def from_group_quant(cls, gq: GroupQuant, bias: torch.Tensor | None,
+                         float_dtype: torch.dtype = torch.float32) -> QuantLinear:
+        """Holds `gq` on the device its tensors are on, scales and zero points in `float_dtype` where no int4
+        kernel takes them."""
         layer = cls(gq.q.shape[1], gq.q.shape[0], gq.bits, gq.group_size, bias)
-        layer._hold(gq)
+        layer._hold(gq, float_dtype)
         return layer
 
-    def _hold(self, gq: GroupQuant) -> None:
+    def _hold(self, gq: GroupQuant, float_dtype: torch.dtype) -> None:
         self.int4_kernel = gq.bits == 4 and has_int4_kernel(gq.q.device)
         if self.int4_kernel:
             # the kernels compute (q - 8) * scale + bias per group
@@ -130,8 +132,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales_and_zeros", scales_and_zeros)
         else:
             self.register_buffer("qweight", nibbles(gq.q) if gq.bits == 4 else bit_planes(gq.q))
-            self.register_buffer("scale", gq.scale.contiguous())
-            self.register_buffer("zero", gq.zero.float() * gq.scale)  # float zero: w = q * scale - zero
+            self.register_buffer("scale", gq.scale.to(float_dtype).contiguous())
+            # float zero: w = q * scale - zero
+            self.register_buffer("zero", (gq.zero.float() * gq.scale.float()).to(float_dtype))
 
     # ---- compute --------------------------------------------------------------------------------------------------
     def dequantized_weight(self) -> torch.Tensor:
@@ -153,8 +156,9 @@ class QuantLinear(nn.Module):
             q = self._int4_mm(eye, identity.contiguous().to(self.scales_and_zeros.dtype))
             return GroupQuant(torch.round(q.T.float()).to(torch.uint8), scale.float().contiguous(),
                               torch.round(zero.float()).to(torch.uint8), 4, self.group_size)
-        zero = torch.round(self.zero / self.scale).to(torch.uint8)
-        return GroupQuant(self._values(0, self.out_features), self.scale, zero, self.bits, self.group_size)
+        scale = self.scale.float()
+        zero = torch.round(self.zero.float() / scale).to(torch.uint8)
+        return GroupQuant(self._values(0, self.out_features), scale, zero, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 16:
@@ -235,7 +239,9 @@ class QuantLinear(nn.Module):
         q = unpack_from_int32(state["weight_packed"], bits, torch.Size([out_f, in_f])).to(torch.int16) + offset
         zero = unpack_from_int32(state["weight_zero_point"], bits, scale.shape, packed_dim=0).to(torch.int16) + offset
         gq = GroupQuant(q.to(torch.uint8), scale.float(), zero.to(torch.uint8), bits, in_f // scale.shape[1])
-        return cls.from_group_quant(gq, bias)
+        # a stage loads its layers in its runtime type, half on a GPU: its scales stay so (as the cost model counts
+        # them), and dequantizing makes a half product, half the workspace of a float one
+        return cls.from_group_quant(gq, bias, scale.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
