@@ -47,14 +47,20 @@ def _load_profile(path: Path, mtime: float) -> Profile:
 
 
 def profile_gpu(profile: Profile) -> GPUSpec | None:
-    """The catalog GPU a profile was measured on: its Ray type, PCIe or not as its device name says."""
+    """The catalog GPU a profile was measured on: of its Ray type's variants, PCIe or not as its device name says,
+    the one whose name's parts the device name shares most ("NVIDIA A100-SXM4-40GB": A100, SXM4, 40GB)."""
     names = catalog.gpus_for_ray_type(profile.device_type)
     if not names or profile.device_type == "CPU":
         return None
+    device = profile.device_name.upper()
     pcie = [n for n in names if "PCIE" in n.upper()]
     other = [n for n in names if n not in pcie]
-    pick = pcie if "PCIE" in profile.device_name.upper() and pcie else other or pcie
-    return GPUSpec.from_catalog(pick[-1])
+    pick = pcie if "PCIE" in device and pcie else other or pcie
+    return GPUSpec.from_catalog(max(reversed(pick), key=lambda n: sum(part in device for part in n.upper().split("-"))))
+
+
+def same_speed(a: GPUSpec, b: GPUSpec) -> bool:
+    return (a.mem_bw_gbs, a.fp16_tflops, a.int8_tops) == (b.mem_bw_gbs, b.fp16_tflops, b.int8_tops)
 
 
 class FittedScales(NamedTuple):
@@ -153,6 +159,15 @@ class CostModel:
         logits = micro_batch * m.vocab * 4 if last_stage else 0
         return hidden + scores + logits
 
+    def dequant_workspace_bytes(self, gpu: GPUSpec, bits: int) -> int:
+        """Transient memory of a stage that holds layers at `bits` on `gpu`: the largest block of a matrix's rows it
+        dequantizes at once, where no kernel takes the weight as held (see kernels.yaml)."""
+        k = self.kernels
+        if gpu.ray_type == "CPU" or (bits == 4 and gpu.sm >= k["int4_kernel_min_sm"]):
+            return 0
+        block = max(min(o, max(1, k["gpu_dequant_block_weights"] // i)) * i for o, i in self.model.linear_shapes())
+        return k["dequant_workspace_bytes_per_weight"].get(bits, 0) * block
+
     def embedding_bytes(self) -> int:
         return self.model.embedding_params * self.config.float_bytes
 
@@ -172,6 +187,14 @@ class CostModel:
             return None
         return _load_profile(path, path.stat().st_mtime)
 
+    def other_variant(self, gpu: GPUSpec) -> GPUSpec | None:
+        """The GPU that `gpu`'s profile was measured on, where it is another variant of its type at other speeds
+        (an H100 PCIe, 2 TB/s, timed by a table taken on an SXM one, 3.35 TB/s): its times are then scaled by the
+        two variants' rooflines at each point."""
+        profile = self.profile(gpu)
+        measured = profile_gpu(profile) if profile is not None else None
+        return measured if measured is not None and not same_speed(measured, gpu) else None
+
     def profile_table(self, gpu: GPUSpec) -> ShapeTable | None:
         profile = self.profile(gpu)
         return None if profile is None else profile.table_for(self.model)
@@ -189,10 +212,12 @@ class CostModel:
         older kernels than the runtime's."""
         table = self.profile_table(gpu)
         if table is not None:
+            measured = self.other_variant(gpu)
+            source = "profile" if measured is None else f"profile of {measured.name}, scaled by the roofline"
             outdated = table.outdated_bits()
             if not outdated:
-                return "profile"
-            return (f"profile, its {_older_points(outdated)} (re-measure: `llmpq profile --model {self.model.name}` "
+                return source
+            return (f"{source}, its {_older_points(outdated)} (re-measure: `llmpq profile --model {self.model.name}` "
                     "on that GPU)")
         fit = self.fitted_scales(gpu)
         if not fit.scales:
@@ -206,7 +231,10 @@ class CostModel:
         """Seconds for one decoder layer: prefill of `seq` prompt tokens, or one decode step at context `seq`."""
         table = self.profile_table(gpu)
         if table is not None and table.has(bits, phase):
-            return table.interpolate(bits, phase, micro_batch, seq)
+            measured = self.other_variant(gpu)
+            scale = 1.0 if measured is None else (self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
+                                                  / self.roofline_layer_time(measured, bits, phase, micro_batch, seq))
+            return scale * table.interpolate(bits, phase, micro_batch, seq)
         kernel = self.kernel_bits(gpu, bits)
         scale = 1.0 if table is not None else self.fitted_scales(gpu).scales.get((kernel, phase), 1.0)
         return scale * self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)

@@ -17,7 +17,7 @@ def bloom_like() -> ModelSpec:
 
 @pytest.fixture
 def two_node() -> ClusterSpec:
-    return ClusterSpec.from_dict({"name": "two", "devices": [{"type": "P100-PCIE-12GB", "count": 1},
+    return ClusterSpec.from_dict({"name": "two", "devices": [{"type": "P100-PCIE-16GB", "count": 1},
                                                              {"type": "T4", "count": 1}]})
 
 

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from llmpq_serve.costmodel import CostConfig, CostModel, group_size_for, matrix_bytes, packed_words
+from llmpq_serve.costmodel import CostConfig, CostModel, group_size_for, matrix_bytes, packed_words, profile_gpu
+from llmpq_serve.profile_table import Profile
 from llmpq_serve.spec import ClusterSpec, GPUSpec, ModelSpec
 
 GiB, MiB = 1024**3, 1024**2
@@ -127,3 +128,39 @@ def test_embedding_and_head_costs(tiny):
     expect = max(2 * 3 * tiny.head_params / (65e12 * 0.6), cm.head_bytes() / (320e9 * 0.8)) + 60e-6
     assert cm.head_time(t4, 3) == pytest.approx(expect)
     assert math.isclose(cm.embedding_time(t4, "decode", 3, 50), 2 * 3 * 512 * 2 / (320e9 * 0.8))
+
+
+def test_the_dequantizing_workspace_by_gpu_and_bits(tiny):
+    """A GPU dequantizes a whole matrix per call where no kernel takes the weight as held: 4-bit has torch's int4
+    kernel from compute capability 8.0, 3-bit and int8 nowhere; a CPU works in small blocks."""
+    cm = CostModel(tiny)
+    largest = 1024 * 512
+    t4, a100, cpu = (GPUSpec.from_catalog(n) for n in ("T4", "A100-SXM4-40GB", "CPU"))
+    assert [cm.dequant_workspace_bytes(t4, b) for b in (16, 8, 4, 3)] == [0, 2 * largest, 6 * largest, 6 * largest]
+    assert [cm.dequant_workspace_bytes(a100, b) for b in (16, 8, 4, 3)] == [0, 2 * largest, 0, 6 * largest]
+    assert cm.dequant_workspace_bytes(cpu, 3) == 0
+
+
+@pytest.mark.parametrize("device_type, device_name, gpu", [
+    ("A100", "NVIDIA A100-SXM4-40GB", "A100-SXM4-40GB"),
+    ("A100", "NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"),  # not the A800, Ray's A100 as well
+    ("H100", "NVIDIA H100 80GB HBM3", "H100-SXM5-80GB"),
+    ("H100", "NVIDIA H100 PCIe", "H100-PCIE-80GB"),
+    ("V100", "Tesla V100-SXM2-16GB", "V100-SXM2-16GB"),
+])
+def test_a_profile_names_the_variant_it_was_measured_on(device_type, device_name, gpu):
+    profile = Profile(device_type=device_type, device_name=device_name, torch="2", measured_at="today", tables=[])
+    assert profile_gpu(profile).name == gpu
+
+
+def test_another_variant_of_a_profiled_type_gets_its_times_scaled_by_the_roofline():
+    """profiles/H100.json was measured on an SXM H100 (3.35 TB/s); a PCIe one (2 TB/s) took its times as they were."""
+    cm = CostModel(ModelSpec.from_catalog("llama-3-8b"))
+    sxm, pcie = GPUSpec.from_catalog("H100-SXM5-80GB"), GPUSpec.from_catalog("H100-PCIE-80GB")
+    assert cm.other_variant(sxm) is None and cm.latency_source(sxm).startswith("profile")
+    assert cm.other_variant(pcie).name == "H100-SXM5-80GB"
+    assert cm.latency_source(pcie).startswith("profile of H100-SXM5-80GB, scaled by the roofline")
+    for phase, mb, seq in (("decode", 8, 512), ("prefill", 4, 512)):
+        ratio = cm.roofline_layer_time(pcie, 16, phase, mb, seq) / cm.roofline_layer_time(sxm, 16, phase, mb, seq)
+        assert ratio > 1.2
+        assert cm.layer_time(pcie, 16, phase, mb, seq) == pytest.approx(ratio * cm.layer_time(sxm, 16, phase, mb, seq))

@@ -352,3 +352,15 @@ def test_cost_model_predicts_a_quantized_layer_footprint():
         layer = model.model.layers[i]
         held = sum(t.numel() * t.element_size() for t in list(layer.parameters()) + list(layer.buffers()))
         assert held == pytest.approx(cost.layer_weight_bytes(bits), rel=0.05)
+
+
+def test_a_weight_multiplied_in_blocks_of_rows_gives_the_whole_product():
+    """As a GPU multiplies a dequantized matrix larger than GPU_BLOCK_WEIGHTS (here blocks of 7 rows, the last short)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 100)
+    layer = QuantLinear.from_linear(lin, 3, 128, quantize(lin.weight.detach().float(), 3, 128))
+    x = torch.randn(5, 256)
+    whole = layer._row_blocks(x, layer._dequantize, 1 << 30)
+    blocks = layer._row_blocks(x, layer._dequantize, 256 * 7)
+    torch.testing.assert_close(blocks, whole)
+    torch.testing.assert_close(whole, x @ layer.dequantized_weight().T)

@@ -128,6 +128,7 @@ def add_pipeline(lp: pulp.LpProblem, problem: Problem, slots: list[StageSlot],
             times[phase].append(t)
         mem = pulp.lpSum(problem.layer_memory(b, mb_decode) / GiB * c for b, c in count.items())
         fixed = problem.stage_fixed_memory(mb_prefill or 1, mb_decode or 1, slot.first, slot.last) / GiB
+        fixed += problem.stage_workspace(gpu) / GiB
         lp += mem <= problem.usable_memory(gpu) / GiB - fixed, f"memory_{j}"
     if problem.quality.budget is not None and not isinstance(quality, (int, float)):
         lp += quality <= problem.quality.budget + 1e-9, "quality_budget"

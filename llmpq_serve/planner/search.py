@@ -408,9 +408,10 @@ def infeasibility_report(problem: Problem, rules: Rules, timed_out: bool = False
     devices = problem.cluster.devices
     n = len(devices)
     fixed_by_end = {(a, b): problem.stage_fixed_memory(1, 1, a, b) for a in (False, True) for b in (False, True)}
+    workspace = [problem.stage_workspace(d.gpu) for d in devices]
 
     def fixed(j: int, first: int, last: int) -> float:
-        return fixed_by_end[(j == first, j == last)]
+        return fixed_by_end[(j == first, j == last)] + workspace[j]
 
     def holds(first: int, last: int) -> list[int]:
         return [max(0, int((problem.usable_memory(d.gpu) - fixed(j, first, last)) // per_layer))
@@ -426,7 +427,7 @@ def infeasibility_report(problem: Problem, rules: Rules, timed_out: bool = False
         room = problem.usable_memory(d.gpu) - least
         if room < per_layer:
             lines.append(f"{d.id} ({d.gpu}) lacks {(per_layer - room) / gib:.2f} GiB for even one layer "
-                         f"(usable {problem.usable_memory(d.gpu) / gib:.2f} GiB, embeddings/activations at least "
+                         f"(usable {problem.usable_memory(d.gpu) / gib:.2f} GiB, embeddings/activations/workspace at least "
                          f"{least / gib:.2f} GiB wherever it stands)")
     w, m = problem.workload, problem.model
     where = (f"{m.name} on {problem.cluster.summary()} for batch {w.batch_size} x {problem.context} tokens: at {low} bits "
@@ -444,8 +445,9 @@ def infeasibility_report(problem: Problem, rules: Rules, timed_out: bool = False
     if rules.even_split:
         size = max(even_split(m.layers, len(devices)))
         tight = min(devices, key=lambda d: problem.usable_memory(d.gpu))
-        inner = size * per_layer + problem.stage_fixed_memory(1, 1, False, False)
-        end = size * per_layer + problem.stage_fixed_memory(1, 1, True, False)
+        held = size * per_layer + problem.stage_workspace(tight.gpu)
+        inner = held + problem.stage_fixed_memory(1, 1, False, False)
+        end = held + problem.stage_fixed_memory(1, 1, True, False)
         return (f"{where}; an even split puts {size} layers on every device: {inner / gib:.2f} GiB at {low} bits, "
                 f"{end / gib:.2f} GiB on the first stage with the embeddings, while {tight.id} offers "
                 f"{problem.usable_memory(tight.gpu) / gib:.2f} GiB. An uneven split (method pipeedge or llmpq) fits.")

@@ -8,7 +8,8 @@
   needs compute capability 8.0; on older GPUs (T4, V100, P100) the values are held two to a byte and dequantized at
   each call, as the 3-bit ones are.
 - 3: no kernel exists: held as three bit-planes (`bit_planes`), unpacked and dequantized at each call. Memory stays
-  at 3 bits; time pays for the unpacking, which on the CPU goes a block of output rows at a time (`CPU_BLOCK_BYTES`).
+  at 3 bits; time pays for the unpacking, which goes a block of output rows at a time (`CPU_BLOCK_BYTES`,
+  `GPU_BLOCK_WEIGHTS`).
 
 `state()` / `from_state()` give the compressed-tensors on-disk form (int-quantized for 8 bits, pack-quantized for 4
 and 3: weight_packed, weight_scale, weight_zero_point, weight_shape)."""
@@ -16,14 +17,21 @@ and 3: weight_packed, weight_scale, weight_zero_point, weight_shape)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from compressed_tensors.compressors import pack_to_int32, unpack_from_int32
 from torch import nn
 
+from llmpq_serve import catalog
 from llmpq_serve.quant.groupwise import GroupQuant, quantize, quantize_int8
 
+INT4_KERNEL_MIN_SM = catalog.kernel_assumptions()["int4_kernel_min_sm"]  # as the cost model assumes
+# Output rows dequantized (or int8 widened) at once on a GPU: whole matrices up to this many weights (a launch per
+# op), larger ones in blocks, so that the temporaries the caching allocator keeps stay bounded (a BLOOM-176B MLP
+# matrix whole would hold 4.6 GiB of them at 3 bits); the cost model counts them from the same figure.
+GPU_BLOCK_WEIGHTS = catalog.kernel_assumptions()["gpu_dequant_block_weights"]
 CUDA_INNER_K_TILES = 8  # the int4 CUDA kernel's tiling: in_features must be a multiple of 16 * this
 # torch's CPU int8/int4 weight-only kernels are vectorised for bf16 activations; with fp32 ones they were 17-70x
 # slower on an AVX2 CPU (micro-batch 1-56, 256x768), so activations cross them in bf16 (0.3% relative error, well
@@ -38,7 +46,7 @@ CPU_BLOCK_BYTES = 1 << 20
 def has_int4_kernel(device: torch.device) -> bool:
     """Whether torch's int4 weight-only kernel runs on `device`: on the CPU, and on GPUs from compute capability 8.0
     (A100, H100, ...)."""
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= divmod(INT4_KERNEL_MIN_SM, 10)
 
 
 def nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -166,7 +174,8 @@ class QuantLinear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.bits == 8 and flat.is_cuda:
-            y = F.linear(flat, self.qweight.to(flat.dtype)) * self.scale.to(flat.dtype)
+            widened = self._row_blocks(flat, lambda a, b: self.qweight[a:b].to(flat.dtype), GPU_BLOCK_WEIGHTS)
+            y = widened * self.scale.to(flat.dtype)
         elif self.bits == 8:
             y = torch._weight_int8pack_mm(flat.to(CPU_KERNEL_DTYPE), self.qweight, self.scale.to(CPU_KERNEL_DTYPE))
         elif self.int4_kernel:
@@ -184,10 +193,14 @@ class QuantLinear(nn.Module):
                                                           scales_and_zeros.to(CPU_KERNEL_DTYPE))
 
     def _dequantized_mm(self, x: torch.Tensor) -> torch.Tensor:
-        # on a GPU in one block: the caching allocator keeps the temporaries, and one launch per op beats many
-        rows = self.out_features if x.is_cuda else max(1, CPU_BLOCK_BYTES // (4 * self.in_features))
-        return torch.cat([x @ self._dequantize(r, min(r + rows, self.out_features)).to(x.dtype).T
-                          for r in range(0, self.out_features, rows)], dim=-1)
+        return self._row_blocks(x, lambda a, b: self._dequantize(a, b).to(x.dtype),
+                                GPU_BLOCK_WEIGHTS if x.is_cuda else CPU_BLOCK_BYTES // 4)
+
+    def _row_blocks(self, x: torch.Tensor, rows: Callable[[int, int], torch.Tensor], weights: int) -> torch.Tensor:
+        """x @ W.T, W's output rows [a, b) made by `rows(a, b)` in blocks of about `weights` weights."""
+        n = max(1, weights // self.in_features)
+        parts = [x @ rows(r, min(r + n, self.out_features)).T for r in range(0, self.out_features, n)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _dequantize(self, first: int, end: int) -> torch.Tensor:
         """Output rows [first, end) of the weight (each row's values lie in its own bytes)."""
