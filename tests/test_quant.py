@@ -321,7 +321,8 @@ def test_stage_loads_only_its_own_layers(tmp_path):
 
     model = tiny_llama(layers=4)
     model.save_pretrained(tmp_path)
-    tensors = read_tensors(tmp_path, "llama", range(1, 3), first=False, last=False)
+    own = set(model.state_dict())
+    tensors = read_tensors(tmp_path, "llama", range(1, 3), first=False, last=False, model_keys=own)
     assert tensors and all(k.startswith(("model.layers.1.", "model.layers.2.")) for k in tensors)
     stage = load_stage_model(tmp_path, "llama", range(1, 3), first=False, last=False)
     for i, layer in enumerate(stage.model.layers):
@@ -340,6 +341,44 @@ def test_stage_loads_only_its_own_layers(tmp_path):
             layer.self_attn.v_proj.weight.add_(0.01)
     model.save_pretrained(tmp_path)
     assert model_id(tmp_path) != before
+
+
+def test_an_opt_stage_loads_its_projections_from_a_checkpoint_without_the_model_prefix(tmp_path):
+    """opt-350m projects embeddings into the hidden size (project_in, the first stage's) and back (project_out, the
+    last's); OPT's own checkpoints name their tensors `decoder.*`, without the `model.` prefix HF's class has."""
+    from safetensors.torch import load_file, save_file
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from llmpq_serve.checkpoint import load_stage_model
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=256, ffn_dim=512, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
+                                     do_layer_norm_before=False, dropout=0.0)).eval()
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in weights.items() if k != "lm_head.weight"},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    first = load_stage_model(tmp_path, "opt", range(1), first=True, last=False).model.decoder
+    last = load_stage_model(tmp_path, "opt", range(1, 2), first=False, last=True).model.decoder
+    assert torch.equal(first.project_in.weight, model.model.decoder.project_in.weight) and first.project_out.weight.is_meta
+    assert torch.equal(last.project_out.weight, model.model.decoder.project_out.weight) and last.project_in.weight.is_meta
+    assert torch.equal(first.layers[0].fc1.weight, model.model.decoder.layers[0].fc1.weight)
+    assert last.layers[0].fc1.weight.is_meta and not last.layers[1].fc1.weight.is_meta
+
+
+def test_a_checkpoint_short_of_a_stages_tensors_says_which(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmpq_serve.checkpoint import load_stage_model
+
+    tiny_llama(layers=2).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    load_stage_model(tmp_path, "llama", range(1), first=True, last=False)  # the other stage's loss is not its own
+    with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) this stage needs, e.g. model.layers.1.mlp.up_proj"):
+        load_stage_model(tmp_path, "llama", range(1, 2), first=False, last=True)
 
 
 def test_cost_model_predicts_a_quantized_layer_footprint():

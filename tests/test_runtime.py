@@ -639,3 +639,31 @@ def test_a_switch_to_fewer_slots_finishes_a_cancelled_request_in_a_slot_the_new_
 
     errors, free, slots = asyncio.run(go())
     assert errors == [None] * 7 and free == slots == 6
+
+
+def test_an_opt_with_projections_in_and_out_matches_hf_in_two_stages(tmp_path):
+    """opt-350m's layout: embeddings projected into the hidden size on the first stage and out of it on the last,
+    post-norm layers."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from llmpq_serve.runtime.local import LocalChain, StageRunner
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=256, ffn_dim=512, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
+                                     do_layer_norm_before=False, dropout=0.0)).eval()
+    model.save_pretrained(tmp_path)
+    prompt = [5, 17, 42, 99, 3]
+    expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    scheduler = Scheduler(LocalChain([StageRunner(tmp_path, s, 1, 64) for s in even_stages(2, 2)]), StubTokenizer(),
+                          1, 1, 1, 64)
+
+    async def go():
+        req = scheduler.submit(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        try:
+            assert await finish(req) is None
+        finally:
+            await scheduler.stop()
+        return req.detok.token_ids
+
+    assert asyncio.run(go()) == expected[0, len(prompt):].tolist()
