@@ -13,15 +13,17 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.planner import Planner
+from deployments.planner import Planner, checked_stages
 from deployments.router import Router
 from llmpq_serve.config import DEMO_MODELS, ServeConfig
+from llmpq_serve.spec import ModelSpec
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """The router (HTTP ingress) and the planner actor; the planner plans and deploys the stages once it runs."""
     config = ServeConfig.model_validate(args)
     path = config.checkpoint().resolve()
+    checked_stages(config, ModelSpec.from_checkpoint(path))
     demo = config.model in DEMO_MODELS
     # the router and the planner may run in another working directory, or on another node with the same files
     given = {} if demo else {"model": str(path)}

@@ -60,17 +60,26 @@ def stage_app(config: ServeConfig, path: str, quant: QuantOptions, stages: list[
         for i, (ray_type, spec) in enumerate(stages)])
 
 
+def checked_stages(config: ServeConfig, model: ModelSpec) -> list[tuple[str, StageSpec]] | None:
+    """What of the config can be checked against the model before any planning, checked (`serve run` calls it, so
+    that a mistake stops it rather than the planner's every poll): the context, and fixed stages, returned as
+    (accelerator type, stage) pairs (None without)."""
+    if config.max_context > model.max_pos:
+        raise ValueError(f"max_context {config.max_context} exceeds the model's {model.max_pos} positions")
+    if config.stages is None:
+        return None
+    specs = StageSpec.chain([(s.layers[0], s.layers[1], s.bits or [16] * (s.layers[1] - s.layers[0]))
+                             for s in config.stages])
+    if specs[-1].end != model.layers:
+        raise ValueError(f"the fixed stages end at layer {specs[-1].end}, the model has {model.layers} layers")
+    return [(s.accelerator_type, spec) for s, spec in zip(config.stages, specs)]
+
+
 def solve_plan(config: ServeConfig, path, quant: QuantOptions) -> tuple[list[tuple[str, StageSpec]], int, int, dict]:
     """((accelerator type, stage) per stage, prefill micro-batch, decode micro-batch, the plan as JSON)."""
     model = ModelSpec.from_checkpoint(path)
-    if config.stages is not None:
-        specs = StageSpec.chain([(s.layers[0], s.layers[1], s.bits or [16] * (s.layers[1] - s.layers[0]))
-                                 for s in config.stages])
-        if specs[-1].end != model.layers:
-            raise ValueError(f"the fixed stages end at layer {specs[-1].end}, the model has {model.layers} layers")
-        if config.max_context > model.max_pos:
-            raise ValueError(f"max_context {config.max_context} exceeds the model's {model.max_pos} positions")
-        stages = [(s.accelerator_type, spec) for s, spec in zip(config.stages, specs)]
+    stages = checked_stages(config, model)
+    if stages is not None:
         doc = {"fixed": [s.model_dump() for s in config.stages], "prefill_micro_batch": config.prefill_micro_batch,
                "decode_micro_batch": config.decode_micro_batch}
         return stages, config.prefill_micro_batch, config.decode_micro_batch, doc
@@ -178,7 +187,7 @@ class Planner:
         # only a plan for the live cluster changes with it: fixed stages and a cluster file are deployed once
         self.watching = self.config.stages is None and self.config.cluster == "ray"
         self.generation, self.current, self.stage_app, self.reason = 0, None, None, None
-        self.replans, self._layout = 0, None
+        self.replans, self._layout, self._closing = 0, None, False
         self._changed = asyncio.Condition()
         self._watcher = asyncio.get_event_loop().create_task(self._watch())
 
@@ -195,11 +204,16 @@ class Planner:
         async with self._changed:
             try:
                 await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.generation > after or self.reason != reason_seen),
+                    self._changed.wait_for(lambda: self._newer(after) or self.reason != reason_seen),
                     STAGES_POLL_S)
             except asyncio.TimeoutError:  # not TimeoutError: on Python 3.10 the two differ
                 return {}
-            return self.current if self.generation > after else {"reason": self.reason}
+            # "serving": whether the last stages handed out still serve (a re-plan deletes them before the new ones
+            # are up: the router's requests then wait, and its probe says why)
+            return self.current if self._newer(after) else {"reason": self.reason, "serving": self.current is not None}
+
+    def _newer(self, after: int) -> bool:
+        return self.generation > after and self.current is not None
 
     def status(self) -> dict:
         return {"generation": self.generation, "stage_app": self.stage_app, "replans": self.replans,
@@ -207,14 +221,16 @@ class Planner:
 
     async def _watch(self) -> None:
         seen, cleaned = None, False
-        while True:
+        while not self._closing:
             try:  # a failed call to Ray's control store must not end the watch: it is tried again at the next poll
                 if not cleaned:
                     await asyncio.to_thread(self._remove_stale_stage_apps)
                     cleaned = True
                 nodes = await asyncio.to_thread(ray.nodes)
                 members = gpu_nodes(nodes)
-                if members != seen and await self._deploy(nodes):
+                # also when nothing serves: a re-plan that deleted the old stages and whose new ones never came
+                # up would otherwise wait for the cluster to change again, its requests failing meanwhile
+                if (members != seen or self._layout is None) and await self._deploy(nodes):
                     seen = members
                     await self._report(None)
             except Exception as e:  # reported to the router and by status()
@@ -243,8 +259,11 @@ class Planner:
             return True
         if self.stage_app is not None:  # the new stages need the old ones' GPUs; the router holds the requests
             await asyncio.to_thread(serve.delete, self.stage_app)
-            # gone: should the cluster come back to the old plan, it must be deployed again, not kept
-            self.stage_app = self._layout = None
+            # gone: should the cluster come back to the old plan, it must be deployed again, not kept; and a router
+            # (re)starting meanwhile must not be handed them
+            self.stage_app = self._layout = self.current = None
+        if self._closing:  # stages deployed after the app's cleanup would hold their GPUs with nobody to delete them
+            raise RuntimeError("the app is going down")
         name = f"{self.prefix}{self.generation + 1}"
         app = stage_app(self.config, str(self.path), self.quant, stages, decode_mb)
         self.stage_app = name  # deploying or deployed, it goes down with the app (__del__)
@@ -302,6 +321,7 @@ class Planner:
                 serve.delete(name)
 
     def __del__(self) -> None:  # Serve calls it when the app goes down: the stages go with it
+        self._closing = True  # a flag, not the watch task's cancel: this may run on another thread than its loop
         if getattr(self, "stage_app", None) is not None:
             try:
                 serve.delete(self.stage_app, _blocking=False)

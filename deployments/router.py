@@ -44,6 +44,7 @@ class Router:
         self.scheduling = scheduling
         self.engine: PipelineEngine | None = None  # until the planner's first stages are up: the API answers 503
         self.not_ready = STARTING
+        self.paused: str | None = None  # why the engine's stages are gone for now (a re-plan deleted them)
         self.stages: list[DeploymentHandle] = []
         self.plan: dict = {}
         self.generation = self.replans = 0
@@ -51,7 +52,7 @@ class Router:
         self._follower = asyncio.get_event_loop().create_task(self._follow(planner))
 
     def __serve_build_asgi_app__(self):
-        return build_app(lambda: self.engine, lambda: self.not_ready)
+        return build_app(lambda: self.engine, lambda: self.not_ready, lambda: self.paused)
 
     async def _follow(self, planner: DeploymentHandle) -> None:
         reason = None
@@ -67,6 +68,7 @@ class Router:
             if "reason" in update:
                 reason = update["reason"]
                 self.not_ready = reason or STARTING
+                self.paused = None if update.get("serving", True) else self.not_ready
 
     async def _switch(self, update: dict) -> None:
         chain = ring_over(update["stages"])
@@ -82,6 +84,7 @@ class Router:
             self.replans += 1
             logger.info("moved to plan generation %d: %d requests prefilled again", update["generation"], moved)
         self.stages, self.plan, self.generation = update["stages"], update["plan"], update["generation"]
+        self.paused = None
         self.planner_id = update["planner"]
 
     async def placements(self) -> list[dict]:

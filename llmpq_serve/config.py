@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmpq_serve import catalog
+from llmpq_serve.costmodel import SUPPORTED_BITS
 from llmpq_serve.spec import ClusterSpec, Workload
 
 if TYPE_CHECKING:
@@ -29,6 +30,18 @@ class FixedStage(BaseModel):
     accelerator_type: str
     layers: tuple[int, int]
     bits: list[int] | None = None  # default: 16 for every layer
+
+    @model_validator(mode="after")
+    def _layers_and_their_bits(self) -> FixedStage:
+        first, end = self.layers
+        if not 0 <= first < end:
+            raise ValueError(f"layers {list(self.layers)}: give [first, end) with 0 <= first < end")
+        if self.bits is not None:
+            if len(self.bits) != end - first:
+                raise ValueError(f"{len(self.bits)} bit-widths for the {end - first} layers [{first}, {end})")
+            if unknown := sorted(set(self.bits) - set(SUPPORTED_BITS)):
+                raise ValueError(f"bit-widths {unknown}: the runtime has {', '.join(map(str, SUPPORTED_BITS))}")
+        return self
 
 
 class ServeConfig(BaseModel):
@@ -62,7 +75,7 @@ class ServeConfig(BaseModel):
     plan_time_limit: float = Field(10.0, gt=0)
     quant_method: Literal["awq", "rtn"] = "awq"
     group_size: int = Field(128, gt=0)
-    stages: list[FixedStage] | None = Field(None, description="fixed stages instead of a plan")
+    stages: list[FixedStage] | None = Field(None, min_length=1, description="fixed stages instead of a plan")
     prefill_micro_batch: int | None = Field(None, gt=0, description="with fixed stages")
     decode_micro_batch: int | None = Field(None, gt=0, description="with fixed stages")
 

@@ -273,6 +273,19 @@ async def test_why_the_engine_is_not_there_is_said_to_the_client() -> None:
         assert answer.json()["error"]["message"] == reason
 
 
+async def test_while_a_replan_has_no_stages_up_requests_queue_and_the_probe_says_why(engine: FakeEngine) -> None:
+    """The engine holds the requests until the new stages come (a re-plan must not lose them), but a load balancer
+    should send new ones elsewhere meanwhile."""
+    paused: list[str] = ["the planner is deploying the stages; not up yet: stage0 (V100): starting"]
+    app = build_app(lambda: engine, paused=lambda: paused[0] if paused else None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        health = await http.get("/healthz")
+        assert health.status_code == 503 and health.json()["reason"] == paused[0]
+        assert (await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})).status_code == 200
+        paused.clear()
+        assert (await http.get("/healthz")).status_code == 200
+
+
 @pytest.mark.parametrize(("path", "body", "status", "code", "param"), [
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model_not_found", "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model_not_found",

@@ -20,7 +20,7 @@ def bare_planner(**state) -> object:
     p.app_prefix, p.prefix = "app-stages-", "app-stages-new-"
     p.watching = True
     p.generation, p.current, p.stage_app, p.reason = 0, None, None, None
-    p.replans, p._layout = 0, None
+    p.replans, p._layout, p._closing = 0, None, False
     p._changed = asyncio.Condition()
     p.__dict__.update(state)
     return p
@@ -201,8 +201,7 @@ def test_serve_run_refuses_a_wrong_cluster_file_and_hands_on_absolute_paths(tmp_
     from deployments import app as app_module
 
     checkpoint = tmp_path / "ckpt"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text("{}")
+    tiny_config().save_pretrained(checkpoint)
     bad = tmp_path / "bad.yaml"
     bad.write_text("devices: [{type: X100, count: 1}]\n")
     monkeypatch.chdir(tmp_path)
@@ -215,6 +214,32 @@ def test_serve_run_refuses_a_wrong_cluster_file_and_hands_on_absolute_paths(tmp_
     app_module.build_app({"model": "ckpt", "cluster": "good.yaml", "quality": "fp16"})
     assert bound["planner"]["model"] == str(checkpoint) and bound["planner"]["cluster"] == str(tmp_path / "good.yaml")
     assert bound["planner"]["quality"] == "fp16" and bound["router"][1] == str(checkpoint)
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+
+
+@pytest.mark.parametrize("wrong, says", [
+    ({"stages": []}, "at least 1 item"),
+    ({"stages": [{"accelerator_type": "T4", "layers": [0, 4]}]}, "end at layer 4, the model has 8 layers"),
+    ({"stages": [{"accelerator_type": "T4", "layers": [0, 4]}, {"accelerator_type": "T4", "layers": [5, 8]}]},
+     "must start at 4"),
+    ({"stages": [{"accelerator_type": "T4", "layers": [0, 8], "bits": [16] * 7}]}, "7 bit-widths for the 8 layers"),
+    ({"stages": [{"accelerator_type": "T4", "layers": [0, 8], "bits": [5] * 8}]}, r"bit-widths \[5\]"),
+    ({"stages": [{"accelerator_type": "T4", "layers": [4, 4]}]}, "0 <= first < end"),
+    ({"max_context": 8192}, "max_context 8192 exceeds the model's 1024 positions"),
+])
+def test_serve_run_refuses_what_the_planner_would_refuse_at_every_poll(tmp_path, monkeypatch, wrong, says):
+    from deployments import app as app_module
+
+    tiny_config().save_pretrained(tmp_path)
+    fixed = {"prefill_micro_batch": 1, "decode_micro_batch": 1} if "stages" in wrong else {}
+    with pytest.raises((ValueError, ValidationError), match=says):
+        app_module.build_app({"model": str(tmp_path), **fixed, **wrong})
 
 
 def test_a_misspelt_method_fails_the_config_not_the_planner_later():
@@ -243,3 +268,84 @@ def test_a_ray_clusters_gpu_variants_and_inter_node_bandwidth_come_from_the_conf
         ServeConfig(model="m", gpu_variants={"V100": "A100-SXM4-80GB"})
     with pytest.raises(ValidationError, match="no accelerator_type 'X9'"):
         ServeConfig(model="m", gpu_variants={"X9": "T4"})
+
+
+def test_a_replan_whose_new_stages_never_came_up_is_deployed_again_on_the_cluster_it_came_back_to(monkeypatch):
+    """A V100 joins: the re-plan deletes the T4 stages and starts V100 ones; the V100 leaves before they are up, and
+    they are dropped. The cluster is the one of the last deployment again, but nothing serves: the watch deploys
+    again instead of waiting for the cluster to change (while the router's requests time out), and a router asking
+    meanwhile is not handed the deleted stages."""
+    t4 = {"Alive": True, "NodeID": "t4", "Resources": {"GPU": 1, "accelerator_type:T4": 1}}
+    v100 = {"Alive": True, "NodeID": "v100", "Resources": {"GPU": 1, "accelerator_type:V100": 1}}
+    on_v100 = ([("V100", StageSpec(0, 4, (16,) * 4, True, True))], 1, 1, {})
+    views = iter([[t4], [t4, v100], [t4]])
+    seen: list[list[dict]] = []
+
+    def nodes():
+        seen.append(next(views, [t4]))
+        return seen[-1]
+
+    fake = FakeServe(monkeypatch, states=[("RUNNING", ""), ("RUNNING", ""), ("DEPLOYING", ""), ("RUNNING", "")])
+    monkeypatch.setattr(planner_module.ray, "nodes", nodes)
+    monkeypatch.setattr(planner_module, "solve_plan",
+                        lambda *args: on_v100 if v100 in seen[-1] else ONE_T4_STAGE)
+    p = bare_planner(config=ServeConfig(model="m", replan_poll_s=0.01))
+    handed = []
+
+    async def go():
+        watch = asyncio.create_task(p._watch())
+        while len(fake.runs) < 2 or fake.runs[-1] not in fake.deleted:
+            await asyncio.sleep(0.01)
+        handed.append(await p.next_stages(0))  # the V100 stages dropped, the T4 ones deleted before them
+        while p.current is None:
+            await asyncio.sleep(0.01)
+        watch.cancel()
+
+    try:
+        asyncio.run(asyncio.wait_for(go(), 10))
+        assert fake.runs == ["app-stages-new-1", "app-stages-new-2", "app-stages-new-2"]
+        assert fake.deleted == ["app-stages-new-1", "app-stages-new-2"]
+        assert "stages" not in handed[0] and handed[0]["serving"] is False
+        assert p.generation == 2 and p.current["stages"] == ["stage0 handle"]
+    finally:
+        p.stage_app = None
+
+
+def test_the_router_says_not_ready_while_the_planners_last_stages_are_gone():
+    from deployments import router as router_module
+
+    updates = iter([{"reason": "the planner is deploying the stages", "serving": False},
+                    {"reason": "the planner is deploying the stages", "serving": True}])
+    states = []
+
+    async def next_stages(*args):
+        states.append(r.paused)
+        try:
+            return next(updates)
+        except StopIteration:
+            await asyncio.Event().wait()  # nothing more
+
+    r = object.__new__(router_module.Router.func_or_class)
+    r.generation, r.planner_id, r.not_ready, r.paused = 1, "p", router_module.STARTING, None
+
+    async def go():
+        follow = asyncio.create_task(r._follow(SimpleNamespace(next_stages=SimpleNamespace(remote=next_stages))))
+        while len(states) < 3:
+            await asyncio.sleep(0.01)
+        follow.cancel()
+
+    asyncio.run(asyncio.wait_for(go(), 10))
+    assert states == [None, "the planner is deploying the stages", None]
+
+
+def test_a_planner_going_down_deploys_no_more_stages(monkeypatch):
+    """Serve deleted the app (the planner's __del__ ran) while a re-plan solved: stages deployed after the cleanup
+    would hold their GPUs with nobody left to delete them."""
+    fake = FakeServe(monkeypatch)
+    monkeypatch.setattr(planner_module, "solve_plan", lambda *args: ONE_T4_STAGE)
+    p = bare_planner()
+    p.__del__()
+    with pytest.raises(RuntimeError, match="going down"):
+        asyncio.run(p._deploy([T4_NODE]))
+    assert fake.runs == []
+    asyncio.run(asyncio.wait_for(p._watch(), 5))  # returns at once

@@ -41,17 +41,19 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 CLIENT_CLOSED_REQUEST = 499
 
 
-def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], str] = lambda: NOT_LOADED) -> FastAPI:
+def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], str] = lambda: NOT_LOADED,
+              paused: Callable[[], str | None] = lambda: None) -> FastAPI:
     """The API over whatever engine `get_engine` returns at each request, so the engine may arrive after the app is
     built; while it returns None, the API answers 503 and /healthz says not ready, both with `not_ready()` as the
-    reason.
+    reason. While `paused()` says why the engine's stages are gone for now (a re-plan), requests still go to the
+    engine, which holds them until new stages come, and /healthz says not ready with that reason.
 
     A Ray Serve ingress is best built in its replica, where its engine is: a class decorated `@serve.ingress()` whose
     `__serve_build_asgi_app__(self)` returns `build_app(lambda: self.engine)`. `@serve.ingress(app)` instead pickles
     `app` into each replica, where a lambda over a module global would read a copy of it, never updated: pass a
     module-level function there, which pickles by reference."""
     app = FastAPI(title="llmpq-serve", version=__version__)
-    metrics = ServerMetrics(health=lambda: _health(get_engine(), not_ready))
+    metrics = ServerMetrics(health=lambda: _health(get_engine(), not_ready, paused))
     install_error_handlers(app)
     app.add_middleware(RequestCounter, counter=metrics.requests, paths=GENERATION_PATHS)
     started = int(time.time())
@@ -100,7 +102,7 @@ def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], s
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        health = _health(get_engine(), not_ready)
+        health = _health(get_engine(), not_ready, paused)
         return JSONResponse(health, status_code=200 if health.get("ready") else 503)
 
     @app.get("/metrics")
@@ -110,12 +112,15 @@ def build_app(get_engine: Callable[[], Engine | None], not_ready: Callable[[], s
     return app
 
 
-def _health(engine: Engine | None, not_ready: Callable[[], str]) -> dict:
+def _health(engine: Engine | None, not_ready: Callable[[], str], paused: Callable[[], str | None]) -> dict:
     """Never raises: a probe must get an answer, and an engine whose health check fails is not ready."""
     if engine is None:
         return {"ready": False, "reason": not_ready()}
     try:
-        return engine.health()
+        health = engine.health()
+        if (why := paused()) is not None:
+            health.update(ready=False, reason=why)
+        return health
     except Exception as exc:
         logger.warning("engine health check failed", exc_info=exc)
         return {"ready": False, "reason": "the engine's health check failed"}
