@@ -343,6 +343,21 @@ def test_stage_loads_only_its_own_layers(tmp_path):
     assert model_id(tmp_path) != before
 
 
+def test_an_edit_of_one_norm_alone_gives_the_checkpoint_a_new_id(tmp_path, monkeypatch):
+    """Norm-only tuning changes a few KiB of a file; chunks spread over a large file fell between them, and the cache
+    handed the old model's quantized layers (and norms) to the new one."""
+    from llmpq_serve.quant import apply
+
+    monkeypatch.setattr(apply, "ID_CHUNKS", 1)  # as few chunks as a large file has for a norm: none on it
+    model = tiny_llama(layers=4)
+    model.save_pretrained(tmp_path)
+    before = model_id(tmp_path)
+    with torch.no_grad():
+        model.model.layers[2].input_layernorm.weight.mul_(1.5)
+    model.save_pretrained(tmp_path)
+    assert model_id(tmp_path) != before
+
+
 def test_an_opt_stage_loads_its_projections_from_a_checkpoint_without_the_model_prefix(tmp_path):
     """opt-350m projects embeddings into the hidden size (project_in, the first stage's) and back (project_out, the
     last's); OPT's own checkpoints name their tensors `decoder.*`, without the `model.` prefix HF's class has."""
