@@ -325,11 +325,12 @@ def test_the_router_says_not_ready_while_the_planners_last_stages_are_gone():
         except StopIteration:
             await asyncio.Event().wait()  # nothing more
 
-    r = object.__new__(router_module.Router.func_or_class)
-    r.generation, r.planner_id, r.not_ready, r.paused = 1, "p", router_module.STARTING, None
+    # the router's state, not an instance: Serve's ingress wrapper has a coroutine __del__, never awaited outside it
+    r = SimpleNamespace(generation=1, planner_id="p", not_ready=router_module.STARTING, paused=None)
+    follow_stages = router_module.Router.func_or_class._follow
 
     async def go():
-        follow = asyncio.create_task(r._follow(SimpleNamespace(next_stages=SimpleNamespace(remote=next_stages))))
+        follow = asyncio.create_task(follow_stages(r, SimpleNamespace(next_stages=SimpleNamespace(remote=next_stages))))
         while len(states) < 3:
             await asyncio.sleep(0.01)
         follow.cancel()
