@@ -59,6 +59,12 @@ def profile_gpu(profile: Profile) -> GPUSpec | None:
     return GPUSpec.from_catalog(max(reversed(pick), key=lambda n: sum(part in device for part in n.upper().split("-"))))
 
 
+def int4_kernel_on(gpu: GPUSpec) -> bool:
+    """Whether torch's int4 kernel takes a 4-bit weight as held on `gpu` (the CPU, and GPUs from
+    `int4_kernel_min_sm`, as quant/linear.py decides at run time); elsewhere it is dequantized at each call."""
+    return gpu.ray_type == "CPU" or gpu.sm >= catalog.kernel_assumptions()["int4_kernel_min_sm"]
+
+
 def same_speed(a: GPUSpec, b: GPUSpec) -> bool:
     return (a.mem_bw_gbs, a.fp16_tflops, a.int8_tops) == (b.mem_bw_gbs, b.fp16_tflops, b.int8_tops)
 
@@ -163,7 +169,7 @@ class CostModel:
         """Transient memory of a stage that holds layers at `bits` on `gpu`: the largest block of a matrix's rows it
         dequantizes at once, where no kernel takes the weight as held (see kernels.yaml)."""
         k = self.kernels
-        if gpu.ray_type == "CPU" or (bits == 4 and gpu.sm >= k["int4_kernel_min_sm"]):
+        if gpu.ray_type == "CPU" or (bits == 4 and int4_kernel_on(gpu)):
             return 0
         block = max(min(o, max(1, k["gpu_dequant_block_weights"] // i)) * i for o, i in self.model.linear_shapes())
         return k["dequant_workspace_bytes_per_weight"].get(bits, 0) * block
@@ -245,7 +251,7 @@ class CostModel:
         no int4 kernel, and 4-bit weights are dequantized at each call as 3-bit ones are (`quant/linear.py`), so the
         efficiency fitted on the 3-bit path's measurements scales them. The bare roofline keeps the fused kernels'
         efficiencies of `kernels.yaml` (the paper's kind of cost model) for every GPU."""
-        return 3 if bits == 4 and 0 < gpu.sm < 80 else bits
+        return 3 if bits == 4 and not int4_kernel_on(gpu) else bits
 
     def roofline_layer_time(self, gpu: GPUSpec, bits: int, phase: Phase, micro_batch: int, seq: int) -> float:
         m, k, a = self.model, self.kernels, self.config.act_bytes
