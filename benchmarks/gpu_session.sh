@@ -6,8 +6,10 @@
 #   bash benchmarks/gpu_session.sh run     # there, as the device tool's command, carrying .whl; results in $OUT
 #
 # `run` profiles the real-size layer stack's shape (Llama-3-8B) into profiles/<TYPE>.json, runs the stack fidelity
-# benchmark against it and the idle-wait benchmark on that shape, then profiles the paper's shapes and Llama-3-70B
-# while time is left (each shape is written into the file as it finishes, so a cut-off run keeps what it measured).
+# benchmark against it, the idle-wait benchmark on that shape and the dequantizing layers' workspace and error check
+# on a BLOOM-176B matrix (benchmarks/dequant_workspace.py --device cuda), then profiles the paper's shapes and
+# Llama-3-70B while time is left (each shape is written into the file as it finishes, so a cut-off run keeps what it
+# measured).
 # Copy $OUT's files into the repository.
 # Overrides for a smoke test on a CPU: DEVICE=cpu STACK=<checkpoint> MODELS="<checkpoint> ..." OUT=<dir>.
 set -euo pipefail
@@ -29,6 +31,8 @@ profile() {  # model, device
     # tqdm's bars are one long line of carriage returns: the log keeps the summary only
     python3 -m llmpq_serve.cli profile --model "$1" --device "$2" 2>&1 | { grep -v 'sample/s' || true; } \
         | tee -a "$OUT/profile.txt"
+    # the tables written so far, in case the device tool's limit cuts the run (at most 8 files come back)
+    find profiles -name '*.json' -newer "$OUT/device.txt" -exec cp {} "$OUT/" \;
 }
 
 run() {
@@ -55,6 +59,10 @@ print("stack fidelity: median", d["median_abs_rel_error"], "max", d["max_abs_rel
     # does a GPU stage's call after an idle wait take longer than back to back, as a CPU stage's does? (~10 s)
     python3 benchmarks/idle_gap.py --model "$stack" --layers 8 --rows 16 --context 256 --device "$device" --json \
         | tee "$OUT/idle_gap.json" || echo "idle gap failed: see the output above"
+    if [[ $device == cuda ]]; then  # ~20 s
+        python3 benchmarks/dequant_workspace.py --device cuda --json | tee "$OUT/dequant_workspace_gpu.json" \
+            || echo "dequant workspace failed: see the output above"
+    fi
     for model in $models; do
         # the large shapes took ~1 min each on an H100; none starts that could not finish in time
         if (( SECONDS + 75 > deadline )); then echo "out of time before $model"; break; fi
@@ -67,7 +75,6 @@ for path in sys.argv[1:]:
         old = t.outdated_bits()
         print(path, t.shape.arch, t.shape.hidden, "outdated bits:", old or "none")' profiles/*.json \
         | tee "$OUT/outdated.txt" || true
-    cp profiles/*.json "$OUT/"
 }
 
 case "${1:-}" in

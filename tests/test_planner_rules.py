@@ -303,7 +303,7 @@ def test_every_stage_of_a_gpu_that_dequantizes_holds_its_largest_blocks_workspac
     cluster = ClusterSpec.from_dict({"devices": [{"type": "T4", "count": 1}, {"type": "A100-SXM4-40GB", "count": 1}]})
     block = max(min(o, (1 << 26) // i) * i for o, i in model.linear_shapes())  # 64 Mi weights at once
     assert block < max(o * i for o, i in model.linear_shapes())
-    for bits, workspace in (((16, 8, 4, 3), [6 * block, 6 * block]), ((16, 4), [6 * block, 0]), ((16,), [0, 0])):
+    for bits, workspace in (((16, 8, 4, 3), [6 * block, 6 * block]), ((16, 4), [3 * block, 0]), ((16,), [0, 0])):
         problem = roofline_problem(model, cluster, Workload(batch_size=4), bits=bits)
         stages = [[16, 16, 16], [16, 16]]
         pred, _ = problem.evaluate(cluster.devices, stages, 1, 1)
