@@ -94,6 +94,8 @@ def cmd_bench_quant(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
     from llmpq_serve import profiler
     from llmpq_serve.profile_table import Profile
 
@@ -101,7 +103,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.quick:
         grid = profiler.Grid((1, 4), (16, 64), (1, 8), (16, 128))
     # the type's file is known before the run (the detected type unless given), so each finished shape goes into it
-    device_type = args.type or profiler.detect_device_type(profiler.local_device(args.device))[0]
+    if args.threads:  # a CPU's device name says its threads
+        torch.set_num_threads(args.threads)
+    detected, name = profiler.detect_device_type(profiler.local_device(args.device))
+    device_type = args.type or detected
     # a quick grid's tables would replace the full ones of the cost model's file: they go beside it unless told
     default_name = f"{device_type}.quick.json" if args.quick else f"{device_type}.json"
     out = Path(args.out) if args.out else Path(args.profiles) / default_name
@@ -110,6 +115,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if older is not None and older.device_type != device_type:  # found now, not after the first shape's minutes
         raise ValueError(f"{out} holds a {older.device_type} profile, not {device_type}: give another --out, or "
                          "--replace to overwrite it")
+    if older is not None and older.device_name != name:
+        raise ValueError(f"{out} holds tables measured on {older.device_name}, not on this {name}; the cost model "
+                         "reads a file's tables as timed on its device: give another --out, or --replace to "
+                         "overwrite it")
     finished: list[int] = []
 
     def save(profile: Profile) -> None:

@@ -89,7 +89,8 @@ def _fitted_scales(profiles_dir: Path, stamp: tuple) -> FittedScales:
     for path in sorted(profiles_dir.glob("*.json")):
         profile = _load_profile(path, path.stat().st_mtime)
         gpu = profile_gpu(profile)
-        if gpu is None:
+        # only the files the cost model reads (<TYPE>.json): a quick grid's or a copy's tables are not the device's
+        if gpu is None or path.stem != profile.device_type:
             continue
         fitted_on.append(profile.device_type)
         for table in profile.tables:
@@ -217,14 +218,21 @@ class CostModel:
         """What layer times of `gpu` come from, as the plan reports it; for a table, the bit-widths it timed with
         older kernels than the runtime's."""
         table = self.profile_table(gpu)
-        if table is not None:
-            measured = self.other_variant(gpu)
-            source = "profile" if measured is None else f"profile of {measured.name}, scaled by the roofline"
-            outdated = table.outdated_bits()
-            if not outdated:
-                return source
-            return (f"{source}, its {_older_points(outdated)} (re-measure: `llmpq profile --model {self.model.name}` "
-                    "on that GPU)")
+        if table is None:
+            return self._fitted_source(gpu)
+        measured = self.other_variant(gpu)
+        source = "profile" if measured is None else f"profile of {measured.name}, scaled by the roofline"
+        outdated = table.outdated_bits()
+        if outdated:
+            source += (f", its {_older_points(outdated)} (re-measure: `llmpq profile --model {self.model.name}` on "
+                       "that GPU)")
+        missing = [b for b in sorted(self.kernels["bits"], reverse=True)
+                   if not (table.has(b, "prefill") and table.has(b, "decode"))]
+        if missing:
+            source += f"; {'/'.join(map(str, missing))}-bit layers, which it lacks: {self._fitted_source(gpu)}"
+        return source
+
+    def _fitted_source(self, gpu: GPUSpec) -> str:
         fit = self.fitted_scales(gpu)
         if not fit.scales:
             return "roofline"
@@ -241,8 +249,8 @@ class CostModel:
             scale = 1.0 if measured is None else (self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
                                                   / self.roofline_layer_time(measured, bits, phase, micro_batch, seq))
             return scale * table.interpolate(bits, phase, micro_batch, seq)
-        kernel = self.kernel_bits(gpu, bits)
-        scale = 1.0 if table is not None else self.fitted_scales(gpu).scales.get((kernel, phase), 1.0)
+        # no table, or one without these bits (timed before the runtime had them, or with `bits` left out)
+        scale = self.fitted_scales(gpu).scales.get((self.kernel_bits(gpu, bits), phase), 1.0)
         return scale * self.roofline_layer_time(gpu, bits, phase, micro_batch, seq)
 
     @staticmethod
@@ -280,9 +288,15 @@ class CostModel:
         """Final norm + LM head for the last position of each sequence (prefill and decode alike) and the logits'
         copy to the host: measured when the device's profile has this head, else the roofline."""
         profile = self.profile(gpu)
-        measured = profile.head_time(self.model.hidden, self.model.vocab, micro_batch) if profile else None
-        if measured is not None:
-            return measured
+        timed = profile.head_time(self.model.hidden, self.model.vocab, micro_batch) if profile else None
+        if timed is None:
+            return self.roofline_head_time(gpu, micro_batch)
+        measured = self.other_variant(gpu)
+        if measured is None:
+            return timed
+        return timed * self.roofline_head_time(gpu, micro_batch) / self.roofline_head_time(measured, micro_batch)
+
+    def roofline_head_time(self, gpu: GPUSpec, micro_batch: int) -> float:
         k = self.kernels
         flops = 2 * micro_batch * self.model.head_params
         compute_s = flops / (gpu.fp16_tflops * 1e12 * k["compute_eff"])
@@ -299,9 +313,12 @@ class CostModel:
         return (profile.step_time(micro_batch) if profile else None) or 0.0
 
     # ---- transfer ------------------------------------------------------------------------------------------------
-    def activation_bytes(self, phase: Phase, micro_batch: int, seq: int) -> int:
+    def activation_bytes(self, phase: Phase, micro_batch: int, seq: int, src: GPUSpec | None = None) -> int:
+        """What a micro-batch's hop carries from a stage on `src`: its hidden states in the stage's runtime type,
+        fp32 from a CPU stage (runtime/shard.py's runtime_dtype)."""
         tokens = micro_batch * (seq if phase == "prefill" else 1)
-        return tokens * self.model.hidden * self.config.act_bytes
+        element = 4 if src is not None and src.ray_type == "CPU" else self.config.act_bytes
+        return tokens * self.model.hidden * element
 
     def link(self, src: DeviceSpec, dst: DeviceSpec, inter_node_gbs: float) -> tuple[float, float]:
         """(bytes/s, latency s) of the hop from src to dst. The ring takes every activation off the device and
@@ -322,4 +339,4 @@ class CostModel:
     def transfer_time(self, src: DeviceSpec, dst: DeviceSpec, inter_node_gbs: float, phase: Phase,
                       micro_batch: int, seq: int) -> float:
         bandwidth, latency = self.link(src, dst, inter_node_gbs)
-        return self.activation_bytes(phase, micro_batch, seq) / bandwidth + latency
+        return self.activation_bytes(phase, micro_batch, seq, src.spec) / bandwidth + latency

@@ -3,7 +3,9 @@
 A table holds, for one decoder-layer shape, the median time of one layer at each (bits, phase, micro-batch,
 sequence length) grid point. Between grid points time is interpolated piecewise-linearly in micro-batch and in
 sequence length (bilinear on the grid cell): exact at the points, monotone between them when the points are, and
-extrapolated linearly from the outermost cell beyond the grid, since layer time grows about linearly in both."""
+extrapolated linearly from the outermost cell above the grid, since layer time grows about linearly in both. Below
+the grid (a prompt shorter than the shortest one timed) a time stays at the grid's edge: small calls are bound by
+fixed costs (a GPU's kernel launches), and a cell's slope carried down would reach zero."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from llmpq_serve.runtime.kernel_revisions import KERNEL_REVISIONS
 from llmpq_serve.spec import ModelSpec
@@ -50,6 +52,9 @@ class ShapeTable(BaseModel):
     kernels: dict[int, int] = Field(default_factory=dict, description=(
         "bit-width -> revision of the runtime's kernels it was timed with (llmpq_serve.runtime.kernel_revisions); "
         "empty in tables measured before revisions were recorded"))
+    measured_at: str | None = Field(None, description="when this table was measured; None in files written before "
+                                                      "tables recorded it: then the file's (see Profile)")
+    torch: str | None = Field(None, description="the torch version it was measured with; None as measured_at")
 
     def outdated_bits(self) -> list[int]:
         """The bit-widths of this table timed with older kernels than the runtime's (all of them in a table that
@@ -76,11 +81,23 @@ class ShapeTable(BaseModel):
 
     def interpolate(self, bits: int, phase: Phase, micro_batch: float, seq: float) -> float:
         mbs, seqs, values = self._grids[(bits, phase)]
-        m0, m1, wm = _bracket(mbs, micro_batch)
-        s0, s1, ws = _bracket(seqs, seq)
-        low = _lerp(values[(m0, s0)], values[(m0, s1)], ws)
-        high = _lerp(values[(m1, s0)], values[(m1, s1)], ws)
-        return max(0.0, _lerp(low, high, wm))
+
+        def bilinear(m: float, s: float) -> float:
+            m0, m1, wm = _bracket(mbs, m)
+            s0, s1, ws = _bracket(seqs, s)
+            low = _lerp(values[(m0, s0)], values[(m0, s1)], ws)
+            high = _lerp(values[(m1, s0)], values[(m1, s1)], ws)
+            return max(0.0, _lerp(low, high, wm))
+
+        value = bilinear(micro_batch, seq)
+        # Above the grid each row (column) goes on with its own outer cell's slope, and those need not agree (a noisy
+        # cell's is steeper), so a time there is held at least at what the row's shorter (column's smaller) grid
+        # sizes give: it never falls as the other size grows.
+        if micro_batch > mbs[-1]:
+            value = max([value] + [bilinear(micro_batch, s) for s in seqs if s < seq])
+        if seq > seqs[-1]:
+            value = max([value] + [bilinear(m, seq) for m in mbs if m < micro_batch])
+        return value
 
 
 def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
@@ -93,18 +110,17 @@ def _bracket(grid: list[int], x: float) -> tuple[int, int, float]:
 
 
 def _lerp(v0: float, v1: float, w: float) -> float:
-    """v0 at w = 0, v1 at w = 1, linear between. Outside, the cell's slope goes on, but never one that makes a time
+    """v0 at w = 0, v1 at w = 1, linear between. Above, the cell's slope goes on, but never one that makes a time
     fall as the micro-batch or the length grows: an outer cell measured sloping down (noise) would extrapolate to
-    zero at large sizes, and the planner would flock there."""
+    zero at large sizes, and the planner would flock there. Below, v0 (see the module's docstring)."""
     if 0 <= w <= 1:
         return v0 * (1 - w) + v1 * w
-    slope = max(0.0, v1 - v0)
-    return v1 + slope * (w - 1) if w > 1 else v0 + slope * w
+    return v1 + max(0.0, v1 - v0) * (w - 1) if w > 1 else v0
 
 
 def _piecewise(points: list[tuple[int, float]], x: float) -> float | None:
-    """Piecewise-linear through (x, y) points (outside them: the outer segment, never falling with x, floored at
-    0); None if none."""
+    """Piecewise-linear through (x, y) points (above them: the outer segment, never falling with x; below them: the
+    first y); None if none."""
     if not points:
         return None
     points = sorted(points)
@@ -153,6 +169,15 @@ class Profile(BaseModel):
     transfer: TransferFit | None = None
     step_overhead: list[StepPoint] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _tables_know_when(self) -> Profile:
+        """A table without its own date and torch (one of a file written before tables recorded them) was measured
+        with the file's."""
+        for t in self.tables:
+            t.measured_at = t.measured_at or self.measured_at
+            t.torch = t.torch or self.torch
+        return self
+
     def head_time(self, hidden: int, vocab: int, micro_batch: float) -> float | None:
         """Piecewise-linear in micro-batch over the measured points of this head shape; None if not measured."""
         return _piecewise([(h.micro_batch, h.median_s) for h in self.heads if (h.hidden, h.vocab) == (hidden, vocab)],
@@ -167,19 +192,19 @@ class Profile(BaseModel):
         return next((t for t in self.tables if t.shape == shape), None)
 
     def keeping(self, older: Profile) -> Profile:
-        """This profile plus what `older` (an earlier profile of the same device type) measured and this one did not:
-        the tables of other layer shapes, the heads of other (hidden, vocab), and the hop and the step where this one
-        has none yet (a run's partial saves), so models can be profiled one at a time into one file. Everything
-        measured now wins."""
+        """This profile plus what `older` (an earlier profile of the same device) measured and this one did not: the
+        tables of other layer shapes (each keeps its own date and torch), the heads of other (hidden, vocab), and the
+        hop and the step where this one has none yet (a run's partial saves), so models can be profiled one at a
+        time into one file. Everything measured now wins. Another device of the same type (an H100 PCIe's tables
+        beside an SXM's) is refused: the cost model reads a file's tables as timed on its `device_name`."""
         if older.device_type != self.device_type:
             raise ValueError(f"cannot merge a {older.device_type} profile into a {self.device_type} one")
+        if older.device_name != self.device_name:
+            raise ValueError(f"cannot merge tables measured on {older.device_name} into a profile of "
+                             f"{self.device_name}")
         shapes = {t.shape for t in self.tables}
         heads = {(h.hidden, h.vocab) for h in self.heads}
-        kept = [f"{t.shape.arch} h{t.shape.hidden} ffn{t.shape.ffn}" for t in older.tables if t.shape not in shapes]
-        method = self.method + (f"; tables of {', '.join(kept)} kept from {older.measured_at} (torch {older.torch})"
-                                if kept else "")
         return self.model_copy(update={
-            "method": method,
             "tables": self.tables + [t for t in older.tables if t.shape not in shapes],
             "heads": self.heads + [h for h in older.heads if (h.hidden, h.vocab) not in heads],
             "transfer": self.transfer or older.transfer,

@@ -103,6 +103,10 @@ def test_profile_and_file_mistakes_are_messages_not_tracebacks(capsys, tmp_path)
         tmp_path / "H.json")
     assert main(["profile", "--model", "opt-13b", "--device", "cpu", "--out", str(tmp_path / "H.json")]) == 2
     assert "holds a H100 profile, not CPU" in capsys.readouterr().err
+    Profile(device_type="CPU", device_name="CPU (64 threads)", torch="2.13", measured_at="2026-11-27",
+            tables=[]).save(tmp_path / "C.json")
+    assert main(["profile", "--model", "opt-13b", "--device", "cpu", "--out", str(tmp_path / "C.json")]) == 2
+    assert "holds tables measured on CPU (64 threads), not on this CPU (" in capsys.readouterr().err
 
 
 def test_bench_plan_json_shape(capsys, tmp_path):

@@ -143,7 +143,8 @@ def test_the_dequantizing_workspace_by_gpu_and_bits(tiny):
 
 @pytest.mark.parametrize("device_type, device_name, gpu", [
     ("A100", "NVIDIA A100-SXM4-40GB", "A100-SXM4-40GB"),
-    ("A100", "NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"),  # not the A800, Ray's A100 as well
+    ("A100", "NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"),
+    ("A800", "NVIDIA A800-SXM4-80GB", "A800-SXM4-80GB"),  # Ray's A800, not an A100
     ("H100", "NVIDIA H100 80GB HBM3", "H100-SXM5-80GB"),
     ("H100", "NVIDIA H100 PCIe", "H100-PCIE-80GB"),
     ("V100", "Tesla V100-SXM2-16GB", "V100-SXM2-16GB"),
@@ -164,3 +165,6 @@ def test_another_variant_of_a_profiled_type_gets_its_times_scaled_by_the_rooflin
         ratio = cm.roofline_layer_time(pcie, 16, phase, mb, seq) / cm.roofline_layer_time(sxm, 16, phase, mb, seq)
         assert ratio > 1.2
         assert cm.layer_time(pcie, 16, phase, mb, seq) == pytest.approx(ratio * cm.layer_time(sxm, 16, phase, mb, seq))
+    # the LM head too (its measured time had been the SXM's on every variant)
+    ratio = cm.roofline_head_time(pcie, 4) / cm.roofline_head_time(sxm, 4)
+    assert ratio > 1.2 and cm.head_time(pcie, 4) == pytest.approx(ratio * cm.head_time(sxm, 4))

@@ -8,6 +8,7 @@ from llmpq_serve.runtime.kernel_revisions import KERNEL_REVISIONS
 from llmpq_serve.spec import GPUSpec, ModelSpec
 
 GRID = {(1, 128): 1.0, (1, 512): 3.0, (4, 128): 2.0, (4, 512): 8.0}
+LACKS = "; 16/8/4/3-bit layers, which it lacks: "  # `_profile`'s table: 16-bit prefill only
 
 
 def _profile(model: ModelSpec, device_type: str = "T4", kernels: dict[int, int] | None = None) -> Profile:
@@ -48,7 +49,7 @@ def test_tables_timed_with_older_kernels_are_named_in_the_plan(tmp_path):
             assert fitted == (f"roofline, efficiencies fitted on T4 (their {outdated[0]}-bit points timed with older "
                               "kernels than the runtime's)")
         else:
-            assert source == "profile"
+            assert source == "profile" + LACKS + "roofline, efficiencies fitted on T4"
             assert fitted == "roofline, efficiencies fitted on T4"
 
 
@@ -78,9 +79,33 @@ def test_beyond_the_grid_a_time_never_falls_as_the_sizes_grow():
     assert along_seq == [1.5] * 4
     along_batch = [table.interpolate(16, "decode", m, 512) for m in (4, 16, 64)]
     assert along_batch == sorted(along_batch) and along_batch[-1] > 1.5
-    # below the grid: the upward cell's slope goes on down, the downward one's does not climb
+    # below the grid: the edge's time, whichever way its cell slopes
     assert table.interpolate(16, "decode", 4, 64) == pytest.approx(2.0)
-    assert table.interpolate(16, "decode", 0.5, 128) < 1.0
+    assert table.interpolate(16, "decode", 0.5, 128) == pytest.approx(1.0)
+
+
+def test_below_the_grid_a_time_stays_at_the_grids_edge():
+    """A prompt shorter than the shortest timed one: a cell's slope carried down reached 0 (a GPU table's 16-token
+    prefill was priced at a sixth of one decode step of the same rows)."""
+    table = _profile(ModelSpec.from_catalog("opt-13b")).tables[0]
+    for seq in (1, 16, 64, 127):
+        assert table.interpolate(16, "prefill", 1, seq) == pytest.approx(GRID[(1, 128)])
+        assert table.interpolate(16, "prefill", 4, seq) == pytest.approx(GRID[(4, 128)])
+
+
+def test_above_the_micro_batch_grid_a_longer_prompt_never_takes_less():
+    """Each length extrapolates its own cell's micro-batch slope: a steeper cell at the short length (noise) made an
+    H100 table's 3-bit prefill of 64 rows fall from 32 ms at 128 tokens to 26 ms at 512."""
+    model = ModelSpec.from_catalog("opt-13b")
+    grid = {(4, 128): 1.0, (4, 512): 2.0, (8, 128): 3.0, (8, 512): 3.2}
+    points = [ProfilePoint(bits=16, phase="prefill", micro_batch=m, seq=s, median_s=v) for (m, s), v in grid.items()]
+    table = ShapeTable(shape=LayerShape.of(model), points=points)
+    assert table.interpolate(16, "prefill", 64, 128) == pytest.approx(3.0 + 14 * 2.0)  # the cell's slope goes on
+    for m in (16, 64):
+        along_seq = [table.interpolate(16, "prefill", m, s) for s in (128, 256, 512, 1024, 4096)]
+        assert along_seq == sorted(along_seq), m
+    along_batch = [table.interpolate(16, "prefill", m, 4096) for m in (4, 6, 8, 16, 64)]
+    assert along_batch == sorted(along_batch)
 
 
 def test_non_rectangular_grid_is_rejected():
@@ -97,7 +122,7 @@ def test_cost_model_uses_profile_when_shape_matches(tmp_path):
     _profile(model).save(tmp_path / "T4.json")
     t4 = GPUSpec.from_catalog("T4")
     cm = CostModel(model, CostConfig(profiles_dir=tmp_path))
-    assert cm.latency_source(t4) == "profile"
+    assert cm.latency_source(t4) == "profile" + LACKS + "roofline, efficiencies fitted on T4"
     assert cm.layer_time(t4, 16, "prefill", 4, 512) == pytest.approx(8.0)
     # a phase or bit-width the table lacks falls back to the roofline
     assert cm.layer_time(t4, 4, "decode", 1, 512) == cm.roofline_layer_time(t4, 4, "decode", 1, 512)
@@ -129,6 +154,42 @@ def test_roofline_scaled_by_efficiency_fitted_on_measured_gpus(tmp_path):
     # CPU devices are not scaled by GPU measurements
     cpu = GPUSpec.from_catalog("CPU")
     assert cm.layer_time(cpu, 16, "decode", 4, 300) == cm.roofline_layer_time(cpu, 16, "decode", 4, 300)
+    # only the files the cost model reads are fitted on: not a quick grid's, nor a copy's
+    quick = Profile.load(tmp_path / "T4.json")
+    for point in quick.tables[0].points:
+        point.median_s *= 10
+    quick.save(tmp_path / "T4.quick.json")
+    quick.save(tmp_path / "T4-backup.json")
+    cm = CostModel(target, CostConfig(profiles_dir=tmp_path))
+    assert cm.layer_time(a100, 16, "decode", 4, 300) == pytest.approx(3 * cm.roofline_layer_time(a100, 16, "decode",
+                                                                                                    4, 300))
+    assert cm.latency_source(a100).startswith("roofline, efficiencies fitted on T4 (")  # not T4+T4+T4
+
+
+def test_bits_a_table_lacks_get_the_fitted_roofline_and_the_plan_says_so(tmp_path):
+    """A table without some bit-width (profiled with fewer `bits`, or before the runtime had them) used to price it
+    by the bare roofline while the plan said "profile": an H100's 3-bit decode ~100x faster than measured."""
+    t4 = GPUSpec.from_catalog("T4")
+    llama, opt = ModelSpec.from_catalog("llama-3-8b"), ModelSpec.from_catalog("opt-13b")
+    plain = CostModel(opt, CostConfig(profiles_dir=None))
+
+    def points(model: ModelSpec, bits: int, factor: float) -> list[ProfilePoint]:
+        cost = CostModel(model, CostConfig(profiles_dir=None))
+        return [ProfilePoint(bits=bits, phase=phase, micro_batch=m, seq=s,
+                             median_s=factor * cost.roofline_layer_time(t4, bits, phase, m, s))
+                for phase in ("prefill", "decode") for m in (1, 8) for s in (128, 512)]
+
+    tables = [ShapeTable(shape=LayerShape.of(llama), points=points(llama, 16, 2.0), kernels={16: KERNEL_REVISIONS[16]}),
+              ShapeTable(shape=LayerShape.of(opt), points=points(opt, 3, 5.0), kernels={3: KERNEL_REVISIONS[3]})]
+    Profile(device_type="T4", device_name="Tesla T4", torch="2.13", measured_at="2026-11-28",
+            tables=tables).save(tmp_path / "T4.json")
+    cm = CostModel(llama, CostConfig(profiles_dir=tmp_path))
+    assert cm.layer_time(t4, 16, "decode", 4, 300) == pytest.approx(2.0 * cm.roofline_layer_time(t4, 16, "decode", 4,
+                                                                                                   300))
+    assert cm.layer_time(t4, 3, "decode", 4, 300) == pytest.approx(5.0 * cm.roofline_layer_time(t4, 3, "decode", 4,
+                                                                                                  300))
+    assert cm.latency_source(t4) == "profile; 8/4/3-bit layers, which it lacks: roofline, efficiencies fitted on T4"
+    assert plain.latency_source(t4) == "roofline"
 
 
 def test_router_step_overhead_is_interpolated_and_charged_to_the_last_stage(tmp_path):
@@ -173,7 +234,10 @@ def test_a_new_profile_keeps_the_other_shapes_of_an_older_one():
     merged = new.keeping(old)
     assert [t.shape for t in merged.tables] == [t.shape for t in old.tables]
     assert merged.tables[0].points[0].median_s == 0.5  # measured now wins
-    assert "kept from" in merged.method
+    # each table keeps when and with which torch it was measured
+    assert [(t.measured_at, t.torch) for t in merged.tables] == [("2026-11-25", "2.13")] * 2
+    old.tables[1].measured_at = "2026-11-20"
+    assert new.keeping(old).tables[1].measured_at == "2026-11-20"
     # a partial save (no hop, no step yet) keeps the older file's; a complete profile's own win
     old.transfer = TransferFit(latency_s=1e-4, bytes_per_s=1e9, sizes=[1, 2], seconds=[1e-4, 1e-4])
     old.step_overhead = [StepPoint(micro_batch=1, median_s=4e-4)]
@@ -183,6 +247,19 @@ def test_a_new_profile_keeps_the_other_shapes_of_an_older_one():
     assert new.keeping(old).transfer == new.transfer
     with pytest.raises(ValueError, match="cannot merge"):
         new.keeping(_profile(ModelSpec.from_catalog("opt-13b"), device_type="A100"))
+    # another variant of the type: its tables would be read as timed on this one's device and scaled once more
+    pcie = old.model_copy(update={"device_name": "NVIDIA H100 PCIe"})
+    with pytest.raises(ValueError, match="measured on NVIDIA H100 PCIe"):
+        new.keeping(pcie)
+
+
+def test_a_file_written_before_tables_recorded_their_date_gives_them_its_own(tmp_path):
+    profile = _profile(ModelSpec.from_catalog("opt-13b"))
+    data = profile.model_dump()
+    for t in data["tables"]:
+        del t["measured_at"], t["torch"]
+    loaded = Profile.model_validate(data)
+    assert (loaded.tables[0].measured_at, loaded.tables[0].torch) == ("2026-11-25", "2.13")
 
 
 def test_a_measured_hop_prices_the_links_of_its_device_type(tmp_path):
@@ -206,3 +283,8 @@ def test_a_measured_hop_prices_the_links_of_its_device_type(tmp_path):
     assert cm.transfer_time(t4, t4_far, 0.5, "decode", 4, 100) == pytest.approx(50e-6 + 80e-6 + nbytes / 0.5e9)
     assert cm.transfer_time(a10, t4, 0.5, "decode", 4, 100) == pytest.approx(
         nbytes / (min(a10.spec.link_gbs, t4.spec.link_gbs) * 1e9) + 10e-6)
+    # a CPU stage sends its hidden states in fp32, as its runtime holds them (the CPU's hop fit was timed on bytes)
+    cpu = ClusterSpec.from_dict({"devices": [{"type": "CPU", "count": 2}]}).devices
+    assert cm.activation_bytes("decode", 4, 100, cpu[0].spec) == 2 * nbytes
+    assert cm.transfer_time(cpu[0], cpu[1], 0.5, "decode", 4, 100) == pytest.approx(
+        2 * nbytes / (cpu[0].spec.link_gbs * 1e9) + 10e-6)

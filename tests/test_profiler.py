@@ -46,7 +46,7 @@ def test_profile_covers_the_grid_and_round_trips(tmp_path, monkeypatch):
     # the cost model reads it back for the CPU device, exactly at the grid points
     cost = CostModel(TINY, CostConfig(profiles_dir=tmp_path))
     cpu = GPUSpec.from_catalog("CPU")
-    assert cost.latency_source(cpu) == "profile"
+    assert cost.latency_source(cpu) == "profile; 8/3-bit layers, which it lacks: roofline"  # profiled at (16, 4)
     p = table.points[0]
     assert cost.layer_time(cpu, p.bits, p.phase, p.micro_batch, p.seq) == p.median_s
     assert cost.head_time(cpu, 4) == prof.heads[1].median_s
@@ -139,3 +139,37 @@ def test_a_quick_profile_goes_beside_the_full_one(tmp_path, monkeypatch):
     assert cli.main(["profile", "--model", "tiny", "--device", "cpu", "--threads", "1", "--samples", "3", "--quick",
                      "--profiles", str(tmp_path)]) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["CPU.quick.json"]
+
+
+@pytest.mark.parametrize("cuda_name, ray_type", [
+    ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100"), ("Tesla T4", "T4"), ("NVIDIA H200", "H200"),
+    ("Tesla V100-SXM2-16GB", "V100"), ("NVIDIA A100-SXM4-40GB", "A100"), ("NVIDIA A10G", "A10G"),
+    ("NVIDIA A800-SXM4-80GB", "A800"),  # was filed as profiles/80GB.json, which no plan reads
+    ("NVIDIA RTX A6000", "RTX-A6000"),  # not in the catalog: Ray's own name
+])
+def test_a_profile_is_filed_under_the_type_ray_gives_the_gpu(cuda_name, ray_type):
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    assert profiler.ray_type_of(cuda_name) == ray_type
+    assert NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(cuda_name) == ray_type
+
+
+def test_a_points_spread_lies_within_its_samples():
+    from llmpq_serve.profiler.timing import _spread
+
+    median, p10, p90 = _spread([0.2, 0.6, 0.61])  # the exclusive quantiles gave p10 = -0.04
+    assert 0.2 <= p10 <= median <= p90 <= 0.61
+
+
+def test_the_summarys_bandwidth_bound_counts_the_floats_the_device_runs():
+    """A CPU times 16-bit layers in fp32: int8 moves a quarter of their bytes, not half."""
+    from llmpq_serve.profile_table import ProfilePoint, ShapeTable
+
+    points = [ProfilePoint(bits=b, phase="decode", micro_batch=1, seq=16, median_s=1e-3) for b in (16, 8)]
+    table = ShapeTable(shape=LayerShape.of(TINY), points=points)
+    bounds = {}
+    for device_type in ("CPU", "T4"):
+        prof = Profile(device_type=device_type, device_name="x", torch="2", measured_at="now", tables=[table])
+        (row,) = profiler.decode_speedups(prof, batches=(1,))
+        bounds[device_type] = row["int8_bound"]
+    assert bounds["T4"] == pytest.approx(2.0, rel=0.05) and bounds["CPU"] == pytest.approx(4.0, rel=0.05)

@@ -33,14 +33,28 @@ from llmpq_serve.spec import ModelSpec
 
 
 def detect_device_type(device: torch.device) -> tuple[str, str]:
-    """(Ray accelerator_type name, device name) of the local device: the catalog's Ray type whose name appears in
-    the CUDA device name (e.g. "NVIDIA H100 80GB HBM3" -> H100), else the name's last word."""
+    """(Ray accelerator_type name, device name) of the local device."""
     if device.type != "cuda":
         return "CPU", f"CPU ({torch.get_num_threads()} threads)"
     name = torch.cuda.get_device_name(device)
-    words = name.replace("-", " ").split()
+    return ray_type_of(name), name
+
+
+def ray_type_of(cuda_name: str) -> str:
+    """The catalog's Ray type whose name is a word of the CUDA device name ("NVIDIA H100 80GB HBM3" -> H100), else
+    the type Ray itself gives a node with that GPU, where Ray is installed ("NVIDIA RTX A6000" -> RTX-A6000), else the
+    name's last word. The file must be named as Ray names the type: that is what the planner looks up."""
+    words = cuda_name.replace("-", " ").split()
     types = sorted({g["ray_type"] for g in catalog.gpu_table().values() if g.get("ray_type")}, key=len, reverse=True)
-    return next((t for t in types if t in words), words[-1]), name
+    known = next((t for t in types if t in words), None)
+    if known:
+        return known
+    try:  # a GPU profiler's machine may lack Ray (the lent GPUs' image does)
+        from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+        return NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(cuda_name) or words[-1]
+    except (ImportError, AttributeError):
+        return words[-1]
 
 
 def local_device(device: str | None = None) -> torch.device:
@@ -93,7 +107,8 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
               unit="sample") as bar:
         for k, shape in enumerate(shapes, 1):
             table = ShapeTable(shape=shape, points=profile_shape(shape, bits, grid, dev, dtype, samples, bar),
-                               kernels={b: KERNEL_REVISIONS[b] for b in bits})
+                               kernels={b: KERNEL_REVISIONS[b] for b in bits}, measured_at=profile.measured_at,
+                               torch=profile.torch)
             profile = profile.model_copy(update={"tables": [*profile.tables, table]})
             if dev.type == "cuda":  # the shape's layers and cache go back before the next shape's come
                 torch.cuda.empty_cache()
@@ -117,7 +132,9 @@ def run(models: list[str], device: str | None = None, device_type: str | None = 
 
 def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> list[dict]:
     """Per shape and decode micro-batch, at the shortest profiled context: each format's layer time against 16-bit,
-    beside the memory-bandwidth bound (the ratio of weight bytes, what a purely weight-bound step would gain)."""
+    beside the memory-bandwidth bound (the ratio of weight bytes, what a purely weight-bound step would gain; a CPU's
+    16-bit layers are timed in fp32, as its stages run them)."""
+    float_bytes = 4 if profile.device_type == "CPU" else 2
     rows = []
     for table in profile.tables:
         s = table.shape
@@ -132,11 +149,11 @@ def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> lis
         for mb in sorted({p.micro_batch for p in decode} & set(batches)):
             base = table.interpolate(16, "decode", mb, ctx)
             row = {"shape": f"{s.arch} h{s.hidden} ffn{s.ffn}", "micro_batch": mb, "context": ctx,
-                   "fp16_ms": round(base * 1e3, 4)}
+                   "bits16_ms": round(base * 1e3, 4)}
             for bits in (8, 4, 3):
                 if table.has(bits, "decode"):
-                    bound = (sum(matrix_bytes(o, i, 16, 128) for o, i in shapes)
-                             / sum(matrix_bytes(o, i, bits, 128) for o, i in shapes))
+                    bound = (sum(matrix_bytes(o, i, 16, 128, float_bytes) for o, i in shapes)
+                             / sum(matrix_bytes(o, i, bits, 128, float_bytes) for o, i in shapes))
                     row[f"int{bits}_speedup"] = round(base / table.interpolate(bits, "decode", mb, ctx), 3)
                     row[f"int{bits}_bound"] = round(bound, 3)
             rows.append(row)
@@ -149,7 +166,7 @@ def summary(profile: Profile) -> str:
     for r in decode_speedups(profile):
         parts = [f"int{b} {r[f'int{b}_speedup']:.2f}x ({r[f'int{b}_bound']:.2f}x)" for b in (8, 4, 3)
                  if f"int{b}_speedup" in r]
-        lines.append(f"  {r['shape']:<24} mb {r['micro_batch']:>3} ctx {r['context']}: fp16 {r['fp16_ms']:.3f} ms, "
+        lines.append(f"  {r['shape']:<24} mb {r['micro_batch']:>3} ctx {r['context']}: 16-bit {r['bits16_ms']:.3f} ms, "
                      + ", ".join(parts))
     if profile.transfer:
         t = profile.transfer

@@ -66,5 +66,6 @@ def measure_round_robin(calls: list[Callable[[], object]], device: torch.device,
 
 def _spread(times: list[float]) -> tuple[float, float, float]:
     times = sorted(times)
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    # inclusive: within the samples (the default extrapolates past them, below 0 with three samples)
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
     return statistics.median(times), q[0], q[-1]
