@@ -46,8 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmpq_serve import catalog
-from llmpq_serve.costmodel import CostConfig, CostModel
+from llmpq_serve.costmodel import CostConfig, CostModel, gpu_named
 from llmpq_serve.planner import Problem
 from llmpq_serve.planner.problem import early_decode_steps
 from llmpq_serve.profile_table import LayerShape, Profile, ProfilePoint, ShapeTable
@@ -87,7 +86,10 @@ def predict(path: Path, stages: list, pmb: int, dmb: int, profiles: Path, worklo
     model = ModelSpec.from_checkpoint(path)
     dev = torch.device(device)
     elem = runtime_dtype(dev).itemsize
-    gpu = catalog.gpus_for_ray_type(detect_device_type(dev)[0])[0]  # the profile is filed under the Ray type
+    ray_type, name = detect_device_type(dev)
+    # the catalog's variant of this very device (a table measured on it is then not scaled as another variant's)
+    spec = gpu_named(ray_type, name)
+    gpu = spec.name if spec is not None else ray_type
     cluster = ClusterSpec.from_dict({"name": "local", "devices": [{"type": gpu, "count": len(stages)}]})
     cost = CostModel(model, CostConfig(profiles_dir=profiles, act_bytes=elem, float_bytes=elem, kv_bytes=elem))
     problem = Problem(model, cluster, workload, cost=cost)
@@ -103,17 +105,19 @@ def taking_turns(stages: list, workload: Workload, pmb: int, dmb: int, held: flo
     on the GIL for the part of a call that holds it (Python, op dispatch) and overlap in the rest (the kernels).
 
     Prefill: the k micro-batches are queued at once and flow through the stages with nothing between them, so they
-    pipeline as the planner says, except that while stages run at once, the held share `held` of all but the longest
-    one's call is added (k + n - 1 steps of the pipeline, never more than all calls one after the other).
+    pipeline as the planner says (the first micro-batch through every stage, then k - 1 steps of the slowest), except
+    that while stages run at once, the held share `held` of all but the longest one's call is added to each of
+    those steps (never more than all calls one after the other).
     Decode: every step goes back to the router on the same interpreter (sampling, the next step's rows) before it
     can go on, and the 2-stage local decode step measured the sum of its stages' times, so the calls are added up;
     the early decode steps count as the planner counts them."""
-    k_p, k_d, n = math.ceil(workload.batch_size / pmb), math.ceil(workload.batch_size / dmb), len(stages)
+    k_p, k_d = math.ceil(workload.batch_size / pmb), math.ceil(workload.batch_size / dmb)
     times = [s.prefill_s for s in stages]
     step = max(times) + held * (sum(times) - max(times))
     decode = [s.decode_s for s in stages]
     early = early_decode_steps(workload.batch_size, pmb, dmb)
-    return min((k_p + n - 1) * step, k_p * sum(times)), (workload.gen_len - 1) * k_d * sum(decode) + early * max(decode)
+    prefill = min(sum(times) + (k_p - 1) * step, k_p * sum(times))
+    return prefill, (workload.gen_len - 1) * k_d * sum(decode) + early * max(decode)
 
 
 def gil_held_share(path: Path, workload: Workload = WORKLOAD, repeats: int = 30) -> float:

@@ -270,7 +270,8 @@ def report(concurrency: int, requests: int, bases: list[dict], pipes: list[dict]
     if proxied:
         via = statistics.median(tokens_per_s(r) for r in proxied)
         doc["via_proxy_tokens_per_s"] = round(via, 2)
-        doc["via_proxy_ratio"] = round(via / doc["baseline_tokens_per_s"], 3)
+        # each round's proxy run against the same baselines as its direct run (proxied: one per round or none)
+        doc["via_proxy_ratio"] = round(statistics.median(tokens_per_s(r) / b for r, b in zip(proxied, base)), 3)
     return doc
 
 

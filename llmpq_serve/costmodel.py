@@ -47,12 +47,18 @@ def _load_profile(path: Path, mtime: float) -> Profile:
 
 
 def profile_gpu(profile: Profile) -> GPUSpec | None:
-    """The catalog GPU a profile was measured on: of its Ray type's variants, PCIe or not as its device name says,
-    the one whose name's parts the device name shares most ("NVIDIA A100-SXM4-40GB": A100, SXM4, 40GB)."""
-    names = catalog.gpus_for_ray_type(profile.device_type)
-    if not names or profile.device_type == "CPU":
+    """The catalog GPU a profile was measured on (see gpu_named)."""
+    return gpu_named(profile.device_type, profile.device_name)
+
+
+def gpu_named(ray_type: str, device_name: str) -> GPUSpec | None:
+    """The catalog GPU of a device of `ray_type` called `device_name` (CUDA's name): of the type's variants, PCIe or
+    not as the name says, the one whose name's parts it shares most ("NVIDIA A100-SXM4-40GB": A100, SXM4, 40GB);
+    None for a CPU or a type the catalog lacks."""
+    names = catalog.gpus_for_ray_type(ray_type)
+    if not names or ray_type == "CPU":
         return None
-    device = profile.device_name.upper()
+    device = device_name.upper()
     pcie = [n for n in names if "PCIE" in n.upper()]
     other = [n for n in names if n not in pcie]
     pick = pcie if "PCIE" in device and pcie else other or pcie

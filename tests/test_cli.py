@@ -128,3 +128,26 @@ def test_bench_plan_with_an_unknown_cluster_id_stops_before_writing(capsys, tmp_
     assert main(["bench", "plan", "--clusters", PAPER, "--only", "1", "99", "--no-large",
                  "--out-dir", str(tmp_path)]) == 2
     assert "no cluster 99 in" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_the_plan_benchmarks_means_say_which_clusters_they_leave_out():
+    """A cluster where a method is infeasible has no speed-up: its geomean and min must say they are over fewer
+    clusters, not read as if over all (they would be biased up)."""
+    from llmpq_serve.bench.planning import markdown, summarise
+
+    def cluster(i: int, awq4_fits: bool) -> dict:
+        fits = {"feasible": True, "tokens_per_s": 100.0, "quality": 0.1, "solve_s": 0.1}
+        methods = {m: dict(fits) for m in ("uniform", "pipeedge", "llmpq_matched", "llmpq_awq4", "llmpq_no_adabits",
+                                            "llmpq_no_phase", "llmpq_fast")}
+        methods["llmpq_awq4"]["tokens_per_s"] = 200.0
+        methods["llmpq_awq4"]["feasible"] = awq4_fits
+        return {"id": i, "model": "m", "devices": "d", "fastest_baseline": "uniform", "methods": methods}
+
+    clusters = [cluster(1, True), cluster(2, False)]
+    summary = summarise(clusters)
+    assert summary["llmpq_awq4"] == {"speedup_vs_fastest_baseline": [2.0, None], "geomean": 2.0, "min": 2.0,
+                                     "clusters_counted": 1}
+    assert summary["llmpq_matched"]["clusters_counted"] == 2
+    table = markdown({"clusters": clusters, "summary": summary})
+    assert "| llmpq_awq4 | 2.00, - | 2.0 (1 of 2 clusters) | 2.0 (1 of 2 clusters) |" in table
+    assert "| llmpq_matched | 1.00, 1.00 | 1.0 | 1.0 |" in table

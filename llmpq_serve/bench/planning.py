@@ -133,9 +133,12 @@ def summarise(clusters: list[dict[str, Any]]) -> dict[str, Any]:
     for m in ("llmpq_matched", "llmpq_awq4", "llmpq_no_adabits", "llmpq_no_phase"):
         ups = [speedup(c, m) for c in clusters]
         ok = [u for u in ups if u is not None]
+        # a cluster where the method (or every baseline) is infeasible has no ratio: the geomean and min leave it
+        # out, and say over how many clusters they are
         summary[m] = {"speedup_vs_fastest_baseline": [None if u is None else round(u, 3) for u in ups],
                       "geomean": round(math.exp(sum(map(math.log, ok)) / len(ok)), 3) if ok else None,
-                      "min": round(min(ok), 3) if ok else None}
+                      "min": round(min(ok), 3) if ok else None,
+                      "clusters_counted": len(ok)}
     fast = []
     for c in clusters:
         exact, heur = c["methods"]["llmpq_awq4"], c["methods"]["llmpq_fast"]
@@ -196,7 +199,9 @@ def markdown(doc: dict[str, Any]) -> str:
     for m in ("llmpq_matched", "llmpq_awq4", "llmpq_no_adabits", "llmpq_no_phase"):
         e = s[m]
         per = ", ".join("-" if u is None else f"{u:.2f}" for u in e["speedup_vs_fastest_baseline"])
-        lines.append(f"| {m} | {per} | {e['geomean']} | {e['min']} |")
+        n = len(doc["clusters"])
+        counted = "" if e["clusters_counted"] == n else f" ({e['clusters_counted']} of {n} clusters)"
+        lines.append(f"| {m} | {per} | {e['geomean']}{counted} | {e['min']}{counted} |")
     lines += ["", f"Slowest solve: {s['max_solve_s']} s; largest reported gap: {s['max_gap']}.",
               ("Fast heuristic (llmpq_fast) latency over the exact llmpq_awq4 plan's, minus 1, per cluster: "
                + ", ".join("-" if g is None else f"{g:+.2%}" for g in s["llmpq_fast_gap_vs_exact"]) + ".")]
