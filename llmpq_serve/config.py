@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,10 @@ DEMO_MODELS = {"demo-llama": "llama", "demo-opt": "opt"}
 # without importing the solver stack
 PlanMethod = Literal["llmpq", "uniform", "pipeedge", "llmpq_no_adabits", "llmpq_no_phase", "llmpq_fast"]
 PLAN_METHODS: tuple[str, ...] = get_args(PlanMethod)
+BASELINE_METHODS = ("uniform", "pipeedge")  # they pick their bits by their own rule, whatever the quality target
+# far above any useful weight of quality against latency; beyond ~1e20 the solver reads the costs as unbounded and
+# says nothing fits
+MAX_THETA = 1e6
 # a quality target by name: no worse than the whole model in that format (its bits)
 QualityName = Literal["fp16", "int8", "awq4", "awq3"]
 NAMED_TARGETS: dict[str, int] = dict(zip(get_args(QualityName), (16, 8, 4, 3), strict=True))
@@ -26,6 +30,8 @@ NAMED_TARGETS: dict[str, int] = dict(zip(get_args(QualityName), (16, 8, 4, 3), s
 
 class FixedStage(BaseModel):
     """A stage given by hand instead of planned."""
+
+    model_config = ConfigDict(extra="forbid")
 
     accelerator_type: str
     layers: tuple[int, int]
@@ -57,7 +63,8 @@ class ServeConfig(BaseModel):
                                   "direction (a cluster YAML gives its own)")
     quality: QualityName | None = Field(
         "awq4", description="no worse than the whole model at this format (the planner's quality budget)")
-    theta: float | None = Field(None, ge=0, description="weight of quality against latency (instead of quality)")
+    theta: float | None = Field(None, ge=0, le=MAX_THETA, allow_inf_nan=False,
+                                description="weight of quality against latency (instead of quality)")
     method: PlanMethod = "llmpq"
     workload: Workload = Field(default_factory=lambda: Workload(batch_size=16, prompt_len=64, gen_len=64))
     max_context: int = Field(512, gt=0, description="prompt + max_tokens of one request")
@@ -91,10 +98,34 @@ class ServeConfig(BaseModel):
                                  f"{', '.join(names)}")
         return variants
 
+    @model_validator(mode="before")
+    @classmethod
+    def _theta_instead_of_quality(cls, data: Any) -> Any:
+        """`theta` alone weighs quality against latency: the default quality budget does not stay on beside it
+        (both given: the budget and the weight)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("method") in BASELINE_METHODS and {"quality", "theta"} & set(data):
+            raise ValueError(f"method {data['method']} chooses its own bit-widths (the highest that fit) and would "
+                             "ignore quality and theta: drop them, or use method llmpq")
+        if data.get("theta") is not None and "quality" not in data:
+            return {**data, "quality": None}
+        return data
+
     @model_validator(mode="after")
     def _fixed_stages_are_complete(self) -> ServeConfig:
         if self.stages is not None and (self.prefill_micro_batch is None or self.decode_micro_batch is None):
             raise ValueError("fixed stages need prefill_micro_batch and decode_micro_batch too")
+        return self
+
+    @model_validator(mode="after")
+    def _workload_fits_a_request(self) -> ServeConfig:
+        """The planner sizes the KV cache for `max_context` tokens a request and plans for the workload's requests:
+        found here rather than at each of the planner's polls."""
+        w = self.workload
+        if w.max_len > self.max_context:
+            raise ValueError(f"workload: prompt_len {w.prompt_len} + gen_len {w.gen_len} = {w.max_len} tokens is more "
+                             f"than max_context {self.max_context}: raise max_context or shorten the workload")
         return self
 
     def scheduling(self) -> SchedulerOptions:

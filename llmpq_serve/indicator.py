@@ -6,6 +6,7 @@ alone, and the calibrated indicator (computed from a checkpoint) replaces it whe
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -33,6 +34,17 @@ class Indicator(BaseModel):
         if not all(math.isfinite(v) and v >= 0 for row in self.omega for v in row.values()):
             # a NaN would make every quality comparison false, and the planner keep whatever plan it saw first
             raise ValueError("ω must be finite and non-negative")
+        totals = {b: sum(row[b] for row in self.omega) for b in sorted(bits)}
+        if totals[REFERENCE_BITS] <= 0:
+            raise ValueError(f"ω at {REFERENCE_BITS} bits sums to 0 over the layers: it is the unit every quality "
+                             "budget is measured in")
+        ordered = sorted(bits)
+        # per layer, calibration noise may order two close bit-widths either way; over the whole model it may not
+        if worse := [(lo, hi) for lo, hi in itertools.pairwise(ordered) if totals[hi] > totals[lo] * (1 + 1e-6)]:
+            lo, hi = worse[0]
+            raise ValueError(f"ω summed over the layers is larger at {hi} bits ({totals[hi]:.4g}) than at {lo} bits "
+                             f"({totals[lo]:.4g}): more bits must not lose more quality (are the bit-width keys "
+                             "swapped?)")
         return self
 
     @property

@@ -155,7 +155,7 @@ class ModelSpec(BaseModel):
 class Workload(BaseModel):
     """A batch of requests: `batch_size` prompts of `prompt_len` tokens, each generating `gen_len` tokens."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     batch_size: int = Field(default=32, gt=0)
     prompt_len: int = Field(default=512, gt=0)
@@ -249,8 +249,11 @@ class ClusterSpec(BaseModel):
         if nodes is None:
             nodes = [NodeGroup(name=f"node{i}-{g.type}", devices=[g]) for i, g in enumerate(file.devices)]
         devices = []
-        for i, node in enumerate(nodes):
-            name = node.name or f"node{i}"
+        names = [node.name or f"node{i}" for i, node in enumerate(nodes)]
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"cluster {file.name!r}: node name(s) {', '.join(repeated)} given more than once (a node "
+                             "without a name is node<i>, i its place in the list): each node needs a name of its own")
+        for name, node in zip(names, nodes, strict=True):
             numbered: Counter = Counter()  # a node may list one type in several groups
             for group in node.devices:
                 for _ in range(group.count):

@@ -35,6 +35,14 @@ def test_from_json_and_validation(tmp_path):
             Indicator(source="x", omega=[{16: 0.0, 3: bad}])
     with pytest.raises(ValueError, match="2 bit-widths for 3 layers"):
         Indicator(source="x", omega=[{3: 1.0}] * 3).quality([3, 3])
+    # a file with its bit-width keys swapped, or no loss at the reference: every budget would lose its meaning
+    # (`--quality fp16` planned 3-bit layers with such a file)
+    with pytest.raises(ValueError, match="larger at 16 bits .* than at 8 bits"):
+        Indicator(source="x", omega=[{16: 2.0, 8: 0.001, 4: 0.25, 3: 1.0}])
+    with pytest.raises(ValueError, match="sums to 0"):
+        Indicator(source="x", omega=[{16: 0.0, 4: 0.0, 3: 0.0}] * 2)
+    # one layer's noise between close bit-widths is allowed; the model's totals must fall as bits rise
+    Indicator(source="x", omega=[{16: 0.0, 4: 0.3, 3: 0.2}, {16: 0.0, 4: 0.1, 3: 0.9}])
 
 
 def test_calibrated_indicator_tracks_output_perturbation():

@@ -254,12 +254,13 @@ def test_a_misspelt_method_fails_the_config_not_the_planner_later():
 
 
 def test_a_ray_clusters_gpu_variants_and_inter_node_bandwidth_come_from_the_config(monkeypatch):
-    """Ray says V100, not which V100: the smallest is planned for unless the config names another."""
+    """Ray says V100, not which V100: the smallest (of the same memory, the slowest: PCIe) is planned for unless the
+    config names another."""
     nodes = [{"Alive": True, "NodeID": "a" * 16, "Resources": {"GPU": 2, "accelerator_type:V100": 1}},
              {"Alive": True, "NodeID": "b" * 16, "Resources": {"GPU": 1, "accelerator_type:A100": 1}}]
     monkeypatch.setattr(planner_module.ray, "nodes", lambda: nodes)
     default = ServeConfig(model="m").cluster_spec()
-    assert sorted(d.gpu for d in default.devices) == ["A100-SXM4-40GB", "V100-SXM2-16GB", "V100-SXM2-16GB"]
+    assert sorted(d.gpu for d in default.devices) == ["A100-SXM4-40GB", "V100-PCIE-16GB", "V100-PCIE-16GB"]
     assert default.inter_node_gbs == 3.0
     given = ServeConfig(model="m", gpu_variants={"V100": "V100-SXM2-32GB"}, inter_node_gbs=12.5).cluster_spec()
     assert sorted(d.gpu for d in given.devices) == ["A100-SXM4-40GB", "V100-SXM2-32GB", "V100-SXM2-32GB"]

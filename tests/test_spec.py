@@ -15,6 +15,12 @@ def test_catalog_is_complete():
         m = ModelSpec.from_catalog(name)
         assert m.layers > 0 and m.linear_params > 0
     assert catalog.gpus_for_ray_type("A100")[0] == "A100-SXM4-40GB"
+    # of the same memory, the slowest first: a plan for it holds on the faster variant, not the other way round
+    assert catalog.gpus_for_ray_type("H100")[0] == "H100-PCIE-80GB"
+    assert catalog.gpus_for_ray_type("V100")[0] == "V100-PCIE-16GB"
+    # named as Ray names them: an NVIDIA A10 is Ray's A10, AWS's A10G its own
+    assert catalog.gpus_for_ray_type("A10") == ["A10"] and catalog.gpus_for_ray_type("A10G") == ["A10G"]
+    assert catalog.gpus_for_ray_type("GeForce-RTX-3090") == ["RTX-3090"]
 
 
 def test_unknown_names_list_the_known_ones():
@@ -117,3 +123,20 @@ def test_cluster_from_live_ray_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_a_node_name_given_twice_is_refused_by_name():
+    """Merged into one node, the two nodes' hop was priced as a PCIe link instead of the network."""
+    data = {"nodes": [{"devices": [{"type": "T4", "count": 2}]},
+                      {"name": "node0", "devices": [{"type": "V100-SXM2-32GB", "count": 1}]}], "inter_node_gbs": 3}
+    with pytest.raises(ValueError, match="node name.s. node0 given more than once"):
+        ClusterSpec.from_dict(data)
+
+
+def test_a_misspelt_workload_key_is_refused():
+    from pydantic import ValidationError
+
+    from llmpq_serve.spec import Workload
+
+    with pytest.raises(ValidationError, match="batch"):
+        Workload.model_validate({"batch": 4})

@@ -30,6 +30,10 @@ def kernel_assumptions() -> dict[str, Any]:
 
 
 def gpus_for_ray_type(ray_type: str) -> list[str]:
-    """Catalog GPU names that Ray reports as `accelerator_type:<ray_type>`, smallest memory first."""
-    names = [n for n, g in gpu_table().items() if g.get("ray_type") == ray_type]
-    return sorted(names, key=lambda n: gpu_table()[n]["memory_gib"])
+    """Catalog GPU names that Ray reports as `accelerator_type:<ray_type>`, smallest memory first, and of the same
+    memory the slowest first (an H100 PCIe before the SXM): the first is what a Ray cluster is planned with unless
+    told, and a plan for it holds on the others."""
+    table = gpu_table()
+    names = [n for n, g in table.items() if g.get("ray_type") == ray_type]
+    return sorted(names, key=lambda n: tuple(table[n][k] for k in ("memory_gib", "mem_bw_gbs", "fp16_tflops",
+                                                                     "link_gbs")))

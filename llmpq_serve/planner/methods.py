@@ -3,6 +3,7 @@ under different rules, so every method is fully optimised within what it may cho
 
 from __future__ import annotations
 
+from llmpq_serve.config import BASELINE_METHODS as BASELINES
 from llmpq_serve.planner.plan import Plan, QualityTarget
 from llmpq_serve.planner.problem import Problem
 from llmpq_serve.planner.search import Rules, search
@@ -22,7 +23,6 @@ METHODS: dict[str, Rules] = {
     # The fast heuristic for large clusters (its gap to "llmpq" is measured by `llmpq bench plan`).
     "llmpq_fast": Rules("llmpq_fast", fast=True),
 }
-BASELINES = ("uniform", "pipeedge")
 
 
 def plan(problem: Problem, method: str = "llmpq", time_limit: float = 10.0, gap: float = 0.01,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from llmpq_serve.config import MAX_THETA
 from llmpq_serve.costmodel import SUPPORTED_BITS
 from llmpq_serve.spec import ClusterSpec, DeviceSpec, ModelSpec, Workload
 
@@ -17,7 +18,7 @@ class QualityTarget(BaseModel):
     """θ weighs normalised quality against normalised latency (objective = latency / reference latency + θ·Σω̂);
     `budget` bounds Σω̂ (1.0 = the whole model at 3 bits, 0.25 about the whole model at AWQ-4). Either or both."""
 
-    theta: float = Field(default=0.0, ge=0)
+    theta: float = Field(default=0.0, ge=0, le=MAX_THETA, allow_inf_nan=False)
     budget: float | None = Field(default=None, ge=0)
     label: str = ""
 
