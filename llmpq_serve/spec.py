@@ -52,10 +52,13 @@ class ModelSpec(BaseModel):
     vocab: int = Field(gt=0)
     max_pos: int = Field(gt=0)
     tie: bool = False
+    head_size: int | None = Field(None, gt=0, description=(
+        "each head's width where the config sets it apart from hidden / heads (Mistral-Nemo: 128 with hidden 5120 "
+        "and 32 heads); None: hidden / heads"))
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSpec:
-        if self.hidden % self.heads or self.heads % self.kv_heads:
+        if (self.head_size is None and self.hidden % self.heads) or self.heads % self.kv_heads:
             raise ValueError(f"{self.name}: hidden {self.hidden}, heads {self.heads}, kv_heads {self.kv_heads} "
                              "must divide evenly")
         return self
@@ -74,11 +77,13 @@ class ModelSpec(BaseModel):
         name = name or getattr(config, "_name_or_path", "") or kind
         if kind in _LLAMA_FAMILY:
             heads = config.num_attention_heads
+            head_size = getattr(config, "head_dim", None)  # as the runtime reads it (runtime/layers.py head_dim_of)
             return cls(name=name, arch=_LLAMA_FAMILY[kind], layers=config.num_hidden_layers,
                        hidden=config.hidden_size, heads=heads,
                        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                        ffn=config.intermediate_size, vocab=config.vocab_size,
-                       max_pos=config.max_position_embeddings, tie=bool(config.tie_word_embeddings))
+                       max_pos=config.max_position_embeddings, tie=bool(config.tie_word_embeddings),
+                       head_size=head_size if head_size and head_size * heads != config.hidden_size else None)
         if kind == "opt":
             return cls(name=name, arch="opt", layers=config.num_hidden_layers, hidden=config.hidden_size,
                        heads=config.num_attention_heads, kv_heads=config.num_attention_heads, ffn=config.ffn_dim,
@@ -112,7 +117,12 @@ class ModelSpec(BaseModel):
     # ---- derived shapes -------------------------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """The query projection's width (the hidden size but where `head_size` says otherwise)."""
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -124,8 +134,8 @@ class ModelSpec(BaseModel):
 
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(out_features, in_features) of every matrix of one decoder layer: the weights that get quantized."""
-        h, kv, f = self.hidden, self.kv_dim, self.ffn
-        attn = [(h, h), (kv, h), (kv, h), (h, h)]
+        h, q, kv, f = self.hidden, self.q_dim, self.kv_dim, self.ffn
+        attn = [(q, h), (kv, h), (kv, h), (h, q)]
         mlp = [(f, h), (f, h), (h, f)] if self.gated_mlp else [(f, h), (h, f)]
         return attn + mlp
 
@@ -139,7 +149,7 @@ class ModelSpec(BaseModel):
         h, kv, f = self.hidden, self.kv_dim, self.ffn
         if self.arch in ("opt", "bloom"):
             return 4 * h + (2 * h + 2 * kv) + (f + h)  # 2 LayerNorms (w+b), q/k/v/o biases, MLP biases
-        return 2 * h + (h + 2 * kv if self.arch == "qwen2" else 0)
+        return 2 * h + (self.q_dim + 2 * kv if self.arch == "qwen2" else 0)
 
     @property
     def embedding_params(self) -> int:

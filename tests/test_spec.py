@@ -140,3 +140,22 @@ def test_a_misspelt_workload_key_is_refused():
 
     with pytest.raises(ValidationError, match="batch"):
         Workload.model_validate({"batch": 4})
+
+
+def test_a_config_that_sets_its_head_width_is_costed_with_it():
+    """Mistral-Nemo's heads are 128 wide with hidden 5120 and 32 heads: derived from hidden / heads, its weights came
+    out 4.8% and its KV cache 25% larger than the runtime holds."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=32, num_hidden_layers=1, vocab_size=128)
+    spec = ModelSpec.from_hf_config(config, name="wide-heads")
+    assert (spec.head_dim, spec.q_dim, spec.kv_dim) == (32, 128, 64)
+    layer = MistralForCausalLM(config).model.layers[0]
+    held = {name: tuple(m.weight.shape) for name, m in layer.named_modules()
+            if hasattr(m, "weight") and m.weight.dim() == 2}
+    assert sorted(held.values()) == sorted(spec.linear_shapes())
+    # a config whose head_dim is hidden / heads anyway keeps the derived one
+    plain = ModelSpec.from_hf_config(MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=16, num_hidden_layers=1, vocab_size=128))
+    assert plain.head_size is None and plain.head_dim == 16
