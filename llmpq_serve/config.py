@@ -121,9 +121,10 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _workload_fits_a_request(self) -> ServeConfig:
         """The planner sizes the KV cache for `max_context` tokens a request and plans for the workload's requests:
-        found here rather than at each of the planner's polls."""
+        found here rather than at each of the planner's polls (fixed stages are not planned: only the workload's
+        batch size counts for them)."""
         w = self.workload
-        if w.max_len > self.max_context:
+        if self.stages is None and w.max_len > self.max_context:
             raise ValueError(f"workload: prompt_len {w.prompt_len} + gen_len {w.gen_len} = {w.max_len} tokens is more "
                              f"than max_context {self.max_context}: raise max_context or shorten the workload")
         return self

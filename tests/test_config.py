@@ -17,6 +17,8 @@ def test_a_workload_longer_than_a_request_may_be_is_refused_by_its_fields():
     with pytest.raises(ValidationError, match=r"prompt_len 512 \+ gen_len 100 = 612 tokens is more than max_context 512"):
         ServeConfig(model="m", workload={"batch_size": 8})
     assert ServeConfig(model="m", workload={"batch_size": 8}, max_context=612).workload.max_len == 612
+    stage = {"accelerator_type": "T4", "layers": [0, 8]}  # not planned: its workload is only its batch
+    assert ServeConfig(model="m", stages=[stage], prefill_micro_batch=1, decode_micro_batch=1, max_context=64)
 
 
 def test_theta_alone_weighs_quality_without_the_default_budget():
