@@ -212,6 +212,12 @@ class DeviceGroup(BaseModel):
     type: str
     count: int = Field(default=1, gt=0)
 
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        GPUSpec.from_catalog(v)  # here, so that the error names the file's key (nodes.0.devices.0.type)
+        return v
+
 
 class NodeGroup(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -41,7 +41,7 @@ def test_plan_errors_are_messages_not_tracebacks(capsys, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("devices: [{type: K80, count: 2}]\n")
     assert main(["plan", "--model", "opt-30b", "--cluster", str(bad)]) == 2
-    assert "unknown GPU type 'K80'" in capsys.readouterr().err
+    assert f"cluster file {bad}: devices.0.type: unknown GPU type 'K80'" in capsys.readouterr().err  # the file's key
 
 
 @pytest.mark.parametrize("args, says", [
