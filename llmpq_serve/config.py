@@ -100,9 +100,10 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _theta_instead_of_quality(cls, data: Any) -> Any:
-        """`theta` alone weighs quality against latency: the default quality budget does not stay on beside it
-        (both given: the budget and the weight)."""
+    def _quality_target_as_given(cls, data: Any) -> Any:
+        """What the config says of quality, not the defaults: `theta` alone weighs quality against latency, without
+        the default budget beside it (both given: the budget and the weight); and a baseline, which picks its own
+        bits, takes neither."""
         if not isinstance(data, dict):
             return data
         if data.get("method") in BASELINE_METHODS and {"quality", "theta"} & set(data):

@@ -71,6 +71,12 @@ def int4_kernel_on(gpu: GPUSpec) -> bool:
     return gpu.ray_type == "CPU" or gpu.sm >= catalog.kernel_assumptions()["int4_kernel_min_sm"]
 
 
+def float_bytes_on(ray_type: str | None, gpu_bytes: int = 2) -> int:
+    """Bytes of a float as a stage on that device type computes in: fp32 on a CPU (runtime/shard.py's
+    runtime_dtype), `gpu_bytes` (half precision) on a GPU."""
+    return 4 if ray_type == "CPU" else gpu_bytes
+
+
 def same_speed(a: GPUSpec, b: GPUSpec) -> bool:
     return (a.mem_bw_gbs, a.fp16_tflops, a.int8_tops) == (b.mem_bw_gbs, b.fp16_tflops, b.int8_tops)
 
@@ -323,7 +329,7 @@ class CostModel:
         """What a micro-batch's hop carries from a stage on `src`: its hidden states in the stage's runtime type,
         fp32 from a CPU stage (runtime/shard.py's runtime_dtype)."""
         tokens = micro_batch * (seq if phase == "prefill" else 1)
-        element = 4 if src is not None and src.ray_type == "CPU" else self.config.act_bytes
+        element = float_bytes_on(src.ray_type if src else None, self.config.act_bytes)
         return tokens * self.model.hidden * element
 
     def link(self, src: DeviceSpec, dst: DeviceSpec, inter_node_gbs: float) -> tuple[float, float]:

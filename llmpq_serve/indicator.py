@@ -38,10 +38,10 @@ class Indicator(BaseModel):
         if totals[REFERENCE_BITS] <= 0:
             raise ValueError(f"ω at {REFERENCE_BITS} bits sums to 0 over the layers: it is the unit every quality "
                              "budget is measured in")
-        ordered = sorted(bits)
         # per layer, calibration noise may order two close bit-widths either way; over the whole model it may not
-        if worse := [(lo, hi) for lo, hi in itertools.pairwise(ordered) if totals[hi] > totals[lo] * (1 + 1e-6)]:
-            lo, hi = worse[0]
+        worse = next(((lo, hi) for lo, hi in itertools.pairwise(totals) if totals[hi] > totals[lo] * (1 + 1e-6)), None)
+        if worse:
+            lo, hi = worse
             raise ValueError(f"ω summed over the layers is larger at {hi} bits ({totals[hi]:.4g}) than at {lo} bits "
                              f"({totals[lo]:.4g}): more bits must not lose more quality (are the bit-width keys "
                              "swapped?)")

@@ -37,6 +37,12 @@ class GPUSpec(BaseModel):
         return cls(name=name, **fields)
 
 
+def _catalog_gpu(name: str) -> str:
+    """`name`, a catalog GPU (a ValueError listing the known ones otherwise)."""
+    GPUSpec.from_catalog(name)
+    return name
+
+
 class ModelSpec(BaseModel):
     """Shape of a decoder-only transformer: all the cost model needs to know about a model."""
 
@@ -193,11 +199,7 @@ class DeviceSpec(BaseModel):
     node: str
     gpu: str
 
-    @field_validator("gpu")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        GPUSpec.from_catalog(v)
-        return v
+    _known = field_validator("gpu")(_catalog_gpu)
 
     @property
     def spec(self) -> GPUSpec:
@@ -212,11 +214,8 @@ class DeviceGroup(BaseModel):
     type: str
     count: int = Field(default=1, gt=0)
 
-    @field_validator("type")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        GPUSpec.from_catalog(v)  # here, so that the error names the file's key (nodes.0.devices.0.type)
-        return v
+    # here too, so that the error names the file's key (nodes.0.devices.0.type)
+    _known = field_validator("type")(_catalog_gpu)
 
 
 class NodeGroup(BaseModel):

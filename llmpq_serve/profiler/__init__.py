@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from llmpq_serve import catalog
-from llmpq_serve.costmodel import matrix_bytes
+from llmpq_serve.costmodel import float_bytes_on, matrix_bytes
 from llmpq_serve.profile_table import LayerShape, Profile, ShapeTable
 from llmpq_serve.profiler.layers import (
     BITS,
@@ -134,7 +134,7 @@ def decode_speedups(profile: Profile, batches: tuple[int, ...] = (1, 16)) -> lis
     """Per shape and decode micro-batch, at the shortest profiled context: each format's layer time against 16-bit,
     beside the memory-bandwidth bound (the ratio of weight bytes, what a purely weight-bound step would gain; a CPU's
     16-bit layers are timed in fp32, as its stages run them)."""
-    float_bytes = 4 if profile.device_type == "CPU" else 2
+    float_bytes = float_bytes_on(profile.device_type)
     rows = []
     for table in profile.tables:
         s = table.shape
